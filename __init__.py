@@ -1,0 +1,12 @@
+"""ComfyUI entry point of the AcT node pack: registration only.
+
+Importing this file outside ComfyUI does nothing heavy: the nodes (and torch) load only when
+ComfyUI calls `comfy_entrypoint`.
+"""
+
+
+async def comfy_entrypoint():
+    """Return the pack's ComfyExtension (called by ComfyUI at start-up)."""
+    from .nodes import ActExtension
+
+    return ActExtension()

@@ -1,0 +1,144 @@
+"""Addressing module outputs: sites, module lookup, fingerprints and tensor layouts.
+
+A *site* names one tensor a module outputs: the module's name from `named_modules()`, plus
+`:index` when the module returns a tuple (e.g. `transformer_blocks.0:1`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from act.errors import ActError, ModelMismatchError
+
+
+def split_site(site: str) -> tuple[str, int | None]:
+    """`"name:2"` -> `("name", 2)`; `"name"` -> `("name", None)`."""
+    name, sep, index = site.rpartition(":")
+    if sep and index.isdigit():
+        return name, int(index)
+    return site, None
+
+
+def group_by_module(sites: Iterable[str]) -> dict[str, list[tuple[str, int | None]]]:
+    """Sites grouped by module name, keeping order: {name: [(site, index), ...]}."""
+    groups: dict[str, list[tuple[str, int | None]]] = {}
+    for site in sites:
+        name, index = split_site(site)
+        groups.setdefault(name, []).append((site, index))
+    return groups
+
+
+def near_matches(wanted: str, names: Sequence[str], count: int = 5) -> list[str]:
+    """Module names that look like `wanted` (for error messages)."""
+    return difflib.get_close_matches(wanted, list(names), n=count, cutoff=0.5)
+
+
+def resolve_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called `name`, or a ModelMismatchError listing near matches."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        hint = near_matches(name, names)
+        raise ModelMismatchError(
+            f"module {name!r} not found in {type(model).__name__}"
+            + (f"; near matches: {', '.join(hint)}" if hint else "")
+            + f" ({len(names)} modules in all)"
+        ) from None
+
+
+def module_fingerprint(model: nn.Module, sites: Iterable[str]) -> dict[str, dict[str, list[int]]]:
+    """Shapes of each site's module's own parameters: {site: {param: shape}}."""
+    return {
+        site: {
+            pname: list(p.shape)
+            for pname, p in resolve_module(model, split_site(site)[0]).named_parameters(
+                recurse=False
+            )
+        }
+        for site in sites
+    }
+
+
+def check_fingerprint(
+    model: nn.Module, expected: dict[str, dict[str, list[int]]], fitted_on: str | None
+) -> None:
+    """Raise ModelMismatchError if a module is missing or its parameter shapes differ."""
+    origin = f" (the transport was fitted on {fitted_on})" if fitted_on else ""
+    for site, params in expected.items():
+        name, _ = split_site(site)
+        try:
+            module = resolve_module(model, name)
+        except ModelMismatchError as error:
+            raise ModelMismatchError(f"{error}{origin}") from None
+        actual = {pname: list(p.shape) for pname, p in module.named_parameters(recurse=False)}
+        for pname, shape in params.items():
+            if pname in actual and actual[pname] != shape:
+                raise ModelMismatchError(
+                    f"module {name!r}: parameter {pname!r} has shape {tuple(actual[pname])} "
+                    f"in this model but {tuple(shape)} in the transport{origin}"
+                )
+
+
+def pick_output(output: Any, index: int | None, site: str) -> torch.Tensor:
+    """The tensor a site names inside a module's output."""
+    value = output if index is None else _indexed(output, index, site)
+    if not isinstance(value, torch.Tensor):
+        raise ActError(
+            f"site {site!r} outputs {type(value).__name__}, not a tensor; "
+            "address one element of a tuple output as 'name:index'"
+        )
+    return value
+
+
+def replace_output(output: Any, index: int | None, value: torch.Tensor) -> Any:
+    """A module output with the tensor at `index` (or the whole output) replaced."""
+    if index is None:
+        return value
+    items = list(output)
+    items[index] = value
+    if hasattr(output, "_fields"):  # a namedtuple
+        return type(output)(*items)
+    return type(output)(items)
+
+
+def _indexed(output: Any, index: int, site: str) -> Any:
+    if not isinstance(output, tuple | list):
+        raise ActError(
+            f"site {site!r} indexes the output, but the module returns "
+            f"{type(output).__name__}; drop the ':{index}' suffix"
+        )
+    if index >= len(output):
+        raise ActError(f"site {site!r}: the module returns only {len(output)} outputs")
+    return output[index]
+
+
+def unit_axis(tensor: torch.Tensor) -> int:
+    """Axis holding the units: channels (axis 1) for 4-D/5-D maps, else the last axis."""
+    return 1 if tensor.ndim >= 4 else tensor.ndim - 1
+
+
+def check_width(tensor: torch.Tensor, units: int, site: str) -> None:
+    """Raise ModelMismatchError if the tensor's unit axis is not `units` wide."""
+    if tensor.ndim < 2 or tensor.shape[unit_axis(tensor)] != units:
+        raise ModelMismatchError(
+            f"module {site!r} outputs shape {tuple(tensor.shape)} (units on axis "
+            f"{unit_axis(tensor) if tensor.ndim >= 2 else '?'}), but the transport has "
+            f"{units} units for it; the transport was fitted on another model"
+        )
+
+
+def can_modify_in_place(tensor: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether a module output may be overwritten: no autograd, and not aliasing an input."""
+    if tensor.requires_grad and torch.is_grad_enabled():
+        return False
+    storage = tensor.untyped_storage().data_ptr()
+    inputs = (*args, *kwargs.values())
+    return not any(
+        isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() == storage for x in inputs
+    )

@@ -1,0 +1,98 @@
+"""Pooled source/target samples: what collection produces and fitting consumes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from act.errors import ActError
+from act.fitting import fit_transport
+from act.transport import Transport
+
+LABELS = ("source", "target")
+
+
+@dataclass
+class Batch:
+    """One forward pass of a collection.
+
+    Attributes:
+        run: runs the model on this batch (the return value is ignored).
+        label: "source" or "target".
+        attention_mask: (B, T) mask of real tokens for token outputs, if padded.
+        rows: the rows of the batch to record (e.g. the conditional half of a CFG batch).
+    """
+
+    run: Callable[[], Any]
+    label: str
+    attention_mask: torch.Tensor | None = None
+    rows: slice | None = None
+
+    def __post_init__(self) -> None:
+        if self.label not in LABELS:
+            raise ActError(f"batch label must be 'source' or 'target', got {self.label!r}")
+
+
+@dataclass
+class Samples:
+    """Pooled samples per site, (N, D) float32 each, plus where they came from.
+
+    Attributes:
+        source / target: {site: samples}, sites in the order the modules run.
+        model_class / module_params: the model's class name and fingerprint (see Transport).
+        causal: (method, support) of the maps applied while collecting causally, else None.
+        info: free-form fields carried into the transport (prompts, description, ...).
+    """
+
+    source: dict[str, torch.Tensor]
+    target: dict[str, torch.Tensor]
+    model_class: str | None = None
+    module_params: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    causal: tuple[str, str] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    fitted: Transport | None = field(default=None, repr=False)
+
+    @property
+    def sites(self) -> list[str]:
+        """Sites in order."""
+        return list(self.source)
+
+    def summary(self) -> str:
+        """One line: modules, units, sample counts."""
+        units = sum(t.shape[1] for t in self.source.values())
+        first = next(iter(self.source.values()))
+        second = next(iter(self.target.values()))
+        kind = f", collected causally ({self.causal[0]}, {self.causal[1]})" if self.causal else ""
+        return (
+            f"{len(self.source)} modules, {units} units, "
+            f"{first.shape[0]} source + {second.shape[0]} target samples{kind}"
+        )
+
+    def fit(
+        self,
+        method: str = "linear",
+        support: str = "range",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Transport:
+        """Fit a transport on these samples, carrying the model fingerprint and info.
+
+        Causally collected samples must be fitted with the method and support used while
+        collecting (each module's samples depend on the earlier maps).
+        """
+        if self.causal is not None and (method, support) != self.causal:
+            raise ActError(
+                f"these samples were collected causally with method {self.causal[0]!r} and "
+                f"support {self.causal[1]!r}; fit them with the same settings, or collect "
+                "again with the new ones"
+            )
+        if self.fitted is not None:
+            return self.fitted
+        transport = fit_transport(self.source, self.target, method, support, progress=progress)
+        transport.model_class = self.model_class
+        transport.module_params = dict(self.module_params)
+        transport.causal = self.causal is not None
+        transport.info = dict(self.info)
+        return transport

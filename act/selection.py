@@ -1,0 +1,104 @@
+"""Choosing which module outputs to transport: named presets and regular expressions."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from act.errors import ActError
+from act.hooks import near_matches, split_site
+
+SiteFinder = Callable[[nn.Module], list[str]]
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
+_NORM_SUFFIXES = ("LayerNorm", "RMSNorm", "GroupNorm")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of sites: a function of the model, plus a line for the docs."""
+
+    name: str
+    description: str
+    find: SiteFinder
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def register_preset(name: str, description: str, find: SiteFinder | Sequence[str]) -> Preset:
+    """Add a preset. `find` is a function model -> sites, or a list of regular expressions."""
+    if not callable(find):
+        patterns = list(find)
+
+        def find(model: nn.Module) -> list[str]:
+            return _match_patterns(model, patterns, strict=False)
+
+    preset = Preset(name, description, find)
+    PRESETS[name] = preset
+    return preset
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether a module is a normalization layer (torch's own or a model's *Norm class)."""
+    return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith(_NORM_SUFFIXES)
+
+
+def norm_sites(model: nn.Module) -> list[str]:
+    """Every normalization layer of the model, in definition order."""
+    return [name for name, module in model.named_modules() if name and is_norm(module)]
+
+
+register_preset(
+    "norms", "every normalization layer (LayerNorm, GroupNorm, RMSNorm, ...)", norm_sites
+)
+
+
+def select_modules(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
+    """Resolve presets and regular expressions to a list of sites, in definition order.
+
+    Each entry of `layers` is a preset name (see `PRESETS`) or a regular expression that must
+    match a whole module name; append `:N` to address element N of a tuple output
+    (`transformer_blocks\\.\\d+:0`). A comma-free single string is one entry.
+
+    Raises:
+        ActError: an entry matches nothing (the message lists near matches and presets).
+    """
+    entries = [layers] if isinstance(layers, str) else list(layers)
+    if not entries:
+        raise ActError("no layers given: pass a preset name or a regular expression")
+    sites: list[str] = []
+    for entry in entries:
+        found = PRESETS[entry].find(model) if entry in PRESETS else None
+        if found is None:
+            found = _match_patterns(model, [entry], strict=True)
+        elif not found:
+            raise ActError(f"preset {entry!r} found no module in {type(model).__name__}")
+        sites.extend(site for site in found if site not in sites)
+    return sites
+
+
+def _match_patterns(model: nn.Module, patterns: Sequence[str], strict: bool) -> list[str]:
+    names = [name for name, _ in model.named_modules() if name]
+    sites: list[str] = []
+    for entry in patterns:
+        pattern, index = split_site(entry)
+        try:
+            regex = re.compile(pattern)
+        except re.error as error:
+            raise ActError(
+                f"layer pattern {entry!r} is not a valid regular expression: {error}"
+            ) from None
+        matched = [name for name in names if regex.fullmatch(name)]
+        if strict and not matched:
+            hint = near_matches(pattern, names)
+            raise ActError(
+                f"layer pattern {entry!r} matches no module of {type(model).__name__}"
+                + (f"; near matches: {', '.join(hint)}" if hint else "")
+                + f"; presets: {', '.join(sorted(PRESETS))}"
+            )
+        sites.extend(name if index is None else f"{name}:{index}" for name in matched)
+    return sites

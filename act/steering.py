@@ -1,0 +1,205 @@
+"""Steering a torch model: forward hooks that transport module outputs at a given strength.
+
+Token-shaped outputs (..., D) get the element-wise map `a + s(T(a) - a)` on the support.
+Channel maps (B, C, H, W) get every pixel of a channel shifted by `T_s(m) - m`, m the channel's
+spatial mean (gated on m being inside the support), as in the reference implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from act.errors import ActError
+from act.hooks import (
+    can_modify_in_place,
+    check_fingerprint,
+    check_width,
+    group_by_module,
+    pick_output,
+    replace_output,
+    resolve_module,
+)
+from act.transport import Coefficients, ModuleMap, Transport
+
+RowSelector = Callable[[int], Sequence[slice] | None]
+
+
+def transport_in_place(tensor: torch.Tensor, coefficients: Coefficients) -> None:
+    """Apply coefficients to `tensor` **in place**, computing in float32 (no autograd)."""
+    scale, shift = coefficients.scale, coefficients.shift
+    if tensor.ndim >= 4:
+        tensor.add_(_channel_shift(tensor, coefficients).to(tensor.dtype))
+    elif coefficients.bounded:
+        inside = (tensor > coefficients.lo) & (tensor < coefficients.hi)
+        moved = torch.addcmul(shift, tensor.float(), scale).to(tensor.dtype)
+        torch.where(inside, moved, tensor, out=tensor)
+    elif tensor.dtype == torch.float32:
+        torch.addcmul(shift, tensor, scale, out=tensor)
+    else:
+        tensor.copy_(torch.addcmul(shift, tensor.float(), scale))
+
+
+def transported(tensor: torch.Tensor, coefficients: Coefficients) -> torch.Tensor:
+    """Out-of-place version of `transport_in_place` (differentiable)."""
+    if tensor.ndim >= 4:
+        return tensor + _channel_shift(tensor, coefficients).to(tensor.dtype)
+    moved = (tensor.float() * coefficients.scale + coefficients.shift).to(tensor.dtype)
+    if not coefficients.bounded:
+        return moved
+    return torch.where((tensor > coefficients.lo) & (tensor < coefficients.hi), moved, tensor)
+
+
+def _channel_shift(tensor: torch.Tensor, coefficients: Coefficients) -> torch.Tensor:
+    """`T_s(m) - m` per sample and channel (m the spatial mean), broadcastable over space."""
+    spatial = tuple(range(2, tensor.ndim))
+    mean = tensor.mean(dim=spatial, dtype=torch.float32)
+    delta = torch.addcmul(coefficients.shift, mean, coefficients.scale - 1)
+    if coefficients.bounded:
+        inside = (mean > coefficients.lo) & (mean < coefficients.hi)
+        delta = torch.where(inside, delta, 0.0)
+    return delta.view(*delta.shape, *(1,) * len(spatial))
+
+
+class Steering:
+    """Hooks that steer a model with a transport; remove them with `remove()` or `with`.
+
+    Prefer `steer(...)`, which constructs this. `strength` may be changed at any time; the
+    hooks read it on every call.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        transport: Transport,
+        strength: float = 1.0,
+        *,
+        active: Callable[[], bool] | None = None,
+        rows: RowSelector | None = None,
+    ) -> None:
+        if transport.module_params:
+            check_fingerprint(model, transport.module_params, transport.model_class)
+        groups = group_by_module(transport.sites)
+        modules = {name: resolve_module(model, name) for name in groups}
+        self.transport = transport
+        self.active = active
+        self.rows = rows
+        self._strength = 0.0
+        self._coefficients: dict[tuple[str, torch.device], Coefficients] = {}
+        self.strength = strength
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        try:
+            for name, sites in groups.items():
+                hook = _ModuleHook(
+                    self, [(site, index, transport.maps[site]) for site, index in sites]
+                )
+                self._handles.append(modules[name].register_forward_hook(hook, with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+
+    @property
+    def strength(self) -> float:
+        """Transport strength: 0 off, 1 full map, >1 extrapolation, <0 the inverse map."""
+        return self._strength
+
+    @strength.setter
+    def strength(self, value: float) -> None:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ActError(f"strength must be a number, got {value!r}") from None
+        if not math.isfinite(value):
+            raise ActError(f"strength must be finite, got {value!r}")
+        self._strength = value
+        self._coefficients.clear()
+
+    def coefficients(self, site: str, module_map: ModuleMap, device: torch.device) -> Coefficients:
+        """Coefficients of a site at the current strength on `device` (cached)."""
+        key = (site, device)
+        cached = self._coefficients.get(key)
+        if cached is None:
+            cached = module_map.coefficients(self._strength).to(device)
+            self._coefficients[key] = cached
+        return cached
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are still registered."""
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Remove every hook; the model computes exactly as before."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> Steering:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class _ModuleHook:
+    """Forward hook of one module, transporting each of its sites."""
+
+    def __init__(self, steering: Steering, sites: list[tuple[str, int | None, ModuleMap]]) -> None:
+        self.steering = steering
+        self.sites = sites
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        steering = self.steering
+        if steering.strength == 0 or (steering.active is not None and not steering.active()):
+            return None
+        for site, index, module_map in self.sites:
+            tensor = pick_output(output, index, site)
+            check_width(tensor, module_map.units, site)
+            coefficients = steering.coefficients(site, module_map, tensor.device)
+            selected = None if steering.rows is None else steering.rows(tensor.shape[0])
+            if can_modify_in_place(tensor, args, kwargs):
+                for region in [tensor] if selected is None else [tensor[r] for r in selected]:
+                    transport_in_place(region, coefficients)
+            elif selected is None:
+                output = replace_output(output, index, transported(tensor, coefficients))
+            else:
+                tensor = tensor.clone()
+                for rows in selected:
+                    tensor[rows] = transported(tensor[rows], coefficients)
+                output = replace_output(output, index, tensor)
+        return output
+
+
+def steer(
+    model: nn.Module,
+    transport: Transport,
+    strength: float = 1.0,
+    *,
+    active: Callable[[], bool] | None = None,
+    rows: RowSelector | None = None,
+) -> Steering:
+    """Steer `model` with `transport` until the returned handle is removed.
+
+    Use as a context manager; hooks are removed on exit, also when the body raises:
+
+        with steer(model, transport, strength=1.0) as steering:
+            model(**inputs)
+            steering.strength = 0.5   # takes effect on the next forward
+
+    Args:
+        model: the torch module whose submodules the transport names.
+        transport: the fitted maps.
+        strength: 0 leaves outputs bit-identical, 1 applies the full map, values above 1
+            extrapolate, negative values apply the inverse map with |strength|.
+        active: optional predicate checked on every call; when it returns False the hooks do
+            nothing (used for step ranges in diffusion sampling).
+        rows: optional function batch_size -> row slices to steer (None: all rows), e.g. only
+            the conditional half of a classifier-free-guidance batch.
+
+    Raises:
+        ModelMismatchError: a module is missing or has other parameter shapes; no hook is left.
+    """
+    return Steering(model, transport, strength, active=active, rows=rows)

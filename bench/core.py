@@ -1,0 +1,152 @@
+"""Core benchmarks: fitting cost, steering overhead, causal collection cost.
+
+Prints ratios measured in one process (medians of alternating pairs), as these machines are
+noisy. Run: `python bench/core.py` (add `--quick` for smaller sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import resource
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+# glibc returning large blocks to the OS makes allocation-heavy timings swing between runs.
+_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+if any(os.environ.get(k) != v for k, v in _MALLOC.items()):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from act import Batch, bake, collect, fit_transport, select_modules, steer  # noqa: E402
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(self.norm(x))
+
+
+def paired_ratio(plain: Callable[[], object], other: Callable[[], object], pairs: int) -> float:
+    """Median of other/plain over alternating timed pairs (after one warm-up each)."""
+    plain(), other()
+    ratios = []
+    for _ in range(pairs):
+        start = time.perf_counter()
+        plain()
+        middle = time.perf_counter()
+        other()
+        end = time.perf_counter()
+        ratios.append((end - middle) / (middle - start))
+    return statistics.median(ratios)
+
+
+def bench_fit(modules: int, units: int, samples: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    source = {f"m{i}": torch.randn(samples, units, generator=generator) for i in range(modules)}
+    target = {k: v * 1.3 + 0.2 for k, v in source.items()}
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tracemalloc.start()
+    start = time.perf_counter()
+    fit_transport(source, target, "linear", "range")
+    elapsed = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        f"fit {samples}+{samples} samples x {modules * units} units ({modules} x {units}): "
+        f"{elapsed:.2f} s, peak working memory {peak / 2**20:.0f} MB "
+        f"(inputs {2 * modules * units * samples * 4 / 2**20:.0f} MB; "
+        f"max RSS grew {(rss_after - rss_before) / 1024:.0f} MB)"
+    )
+
+
+def bench_steering(depth: int, width: int, batch: int, tokens: int, pairs: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*(Block(width) for _ in range(depth))).eval()
+    x = torch.randn(batch, tokens, width)
+    sites = select_modules(model, "norms")
+    samples = collect(
+        model,
+        sites,
+        [Batch(lambda: model(x[:4]), "source"), Batch(lambda: model(x[4:] * 1.2 + 0.1), "target")],
+    )
+    plain = forward_plain(model, x)
+    print(f"steering {depth} blocks of width {width}, batch {batch} x {tokens} tokens:")
+    for support in ("all", "range"):
+        steered = copy.deepcopy(model)
+        with steer(steered, samples.fit("linear", support), 1.0):
+            ratio = paired_ratio(plain, forward_plain(steered, x), pairs)
+        print(f"  hooked / plain, support {support!r}: {ratio:.3f}")
+    baked = copy.deepcopy(model)
+    bake(baked, samples.fit("linear", "all"), 1.0)
+    ratio = paired_ratio(plain, forward_plain(baked, x), pairs)
+    print(f"  baked / plain: {ratio:.3f}")
+
+
+def forward_plain(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def forward() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    return forward
+
+
+def bench_causal(depth: int, width: int, batches: int, batch: int, tokens: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*(Block(width) for _ in range(depth))).eval()
+    sites = select_modules(model, "norms")
+    inputs = [torch.randn(batch, tokens, width) * (1 + (i % 2)) for i in range(batches)]
+    runs = [
+        Batch(lambda x=x: model(x), "source" if i % 2 == 0 else "target")
+        for i, x in enumerate(inputs)
+    ]
+
+    def timed(**kwargs) -> float:
+        start = time.perf_counter()
+        samples = collect(model, sites, runs, **kwargs)
+        samples.fit("linear", "range")
+        return time.perf_counter() - start
+
+    timed()
+    simultaneous = statistics.median(timed() for _ in range(3))
+    lockstep = statistics.median(timed(causal=True) for _ in range(3))
+    truncated = timed(causal=True, max_live_batches=1)
+    print(
+        f"causal collection, K = {len(sites)} modules, {batches} batches of {batch} x {tokens} "
+        f"(collect + fit): lockstep / simultaneous {lockstep / simultaneous:.2f}x, "
+        f"truncated / simultaneous {truncated / simultaneous:.2f}x"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.quick:
+        bench_fit(modules=5, units=512, samples=256)
+        bench_steering(depth=4, width=256, batch=8, tokens=32, pairs=5)
+        bench_causal(depth=4, width=64, batches=4, batch=8, tokens=16)
+    else:
+        bench_fit(modules=50, units=2048, samples=1024)
+        bench_steering(depth=24, width=1024, batch=8, tokens=128, pairs=15)
+        bench_causal(depth=24, width=256, batches=8, batch=16, tokens=64)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""ComfyUI nodes of the AcT pack (thin glue over the `act` library)."""

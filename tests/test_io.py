@@ -1,0 +1,105 @@
+"""Transport files: round trip, and clear rejection of damaged or foreign files."""
+
+import json
+import struct
+
+import pytest
+import torch
+from helpers import Stack, random_map
+from safetensors.torch import save as save_tensors
+
+from act import Transport, TransportFileError, fit_transport, steer
+from act.io import transport_from_bytes, transport_to_bytes
+
+
+def _fitted() -> Transport:
+    generator = torch.Generator().manual_seed(0)
+    source = {f"blocks.{i}.norm": torch.randn(20, 8, generator=generator) for i in range(2)}
+    target = {site: samples * 2 + 1 for site, samples in source.items()}
+    transport = fit_transport(source, target, support="q05", model=Stack())
+    transport.info = {"source_prompts": ["a cat"], "description": "test"}
+    transport.default_strength = 0.8
+    return transport
+
+
+def test_round_trip_keeps_maps_and_metadata(tmp_path):
+    transport = _fitted()
+    path = tmp_path / "nested" / "style.safetensors"
+    transport.save(path)
+    loaded = Transport.load(path)
+    assert loaded.sites == transport.sites
+    for site in transport.sites:
+        for field in ("omega", "beta", "source_lo", "source_hi", "target_lo", "target_hi"):
+            assert torch.equal(
+                getattr(loaded.maps[site], field), getattr(transport.maps[site], field)
+            )
+    for field in ("method", "support", "source_samples", "target_samples", "model_class"):
+        assert getattr(loaded, field) == getattr(transport, field)
+    assert loaded.module_params == {s: {"weight": [8], "bias": [8]} for s in transport.sites}
+    assert loaded.info == transport.info and loaded.default_strength == 0.8
+    assert not list(path.parent.glob(".*tmp"))  # the atomic write left nothing behind
+
+
+def test_loaded_transport_checks_the_model_it_steers(tmp_path):
+    path = tmp_path / "t.safetensors"
+    _fitted().save(path)
+    with pytest.raises(Exception, match=r"'blocks.0.norm'.*\(12,\).*\(8,\).*Stack"):
+        steer(Stack(width=12), Transport.load(path))
+
+
+def _header_and_tensors(data: bytes):
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    return json.loads(header["__metadata__"]["act"])
+
+
+def _rewrite(transport: Transport, edit) -> bytes:
+    data = transport_to_bytes(transport)
+    header = _header_and_tensors(data)
+    from safetensors.torch import load
+
+    tensors = load(data)
+    edit(header, tensors)
+    return save_tensors(tensors, metadata={"act": json.dumps(header)})
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda h, t: h.update(format="something-else"), "not an AcT transport"),
+        (lambda h, t: h.update(format_version=99), "format version 99"),
+        (lambda h, t: h.update(method="cubic"), "unknown method 'cubic'"),
+        (lambda h, t: h.update(support="q70"), "unknown support 'q70'"),
+        (lambda h, t: h.update(modules=[]), "lists no modules"),
+        (lambda h, t: h["modules"][0].update(units=9), "expected float32 (9,)"),
+        (lambda h, t: t.pop("blocks.1.norm/beta"), "lacks its 'beta'"),
+        (lambda h, t: t.update({"extra": torch.zeros(2)}), "not described by the header"),
+        (lambda h, t: t["blocks.0.norm/omega"].fill_(float("nan")), "contains NaN"),
+        (lambda h, t: t.update({"blocks.0.norm/beta": torch.zeros(8).double()}), "float64"),
+        (lambda h, t: h.update(source_samples=0), "sample counts"),
+        (lambda h, t: t["blocks.0.norm/source_lo"].fill_(1e9), "lower bounds above"),
+    ],
+)
+def test_inconsistent_files_are_rejected(edit, message):
+    data = _rewrite(_fitted(), edit)
+    with pytest.raises(TransportFileError) as raised:
+        transport_from_bytes(data, "bad.safetensors")
+    assert message in str(raised.value) and "bad.safetensors" in str(raised.value)
+
+
+def test_truncated_foreign_and_missing_files_are_rejected(tmp_path):
+    data = transport_to_bytes(_fitted())
+    for cut in (0, 5, 40, len(data) - 10):
+        with pytest.raises(TransportFileError, match=r"truncated|not a valid|no AcT header"):
+            transport_from_bytes(data[:cut])
+    foreign = save_tensors({"weight": torch.zeros(3)})
+    with pytest.raises(TransportFileError, match="no AcT header"):
+        transport_from_bytes(foreign)
+    with pytest.raises(TransportFileError, match="cannot read transport file"):
+        Transport.load(tmp_path / "missing.safetensors")
+
+
+def test_repr_and_summary_describe_the_transport():
+    transport = Transport({f"m{i}": random_map(4) for i in range(5)}, "mean", "all", 3, 4)
+    assert "modules=5" in repr(transport) and "(+2)" in repr(transport)
+    assert "5 modules, 20 units, method mean, support all" in transport.summary()
