@@ -31,7 +31,7 @@ from act.hooks import (
     replace_output,
     resolve_module,
 )
-from act.recording import pool
+from act.recording import pooled_sample
 from act.samples import Batch
 from act.steering import transport_in_place, transported
 from act.transport import ModuleMap
@@ -63,16 +63,17 @@ class _CausalFitter:
         self.samples: dict[str, dict[int, torch.Tensor]] = {site: {} for site in sites}
         self.order: list[str] = []
 
-    def record(self, name: str, worker: int, output: Any) -> None:
-        """Pool the module's outputs for one batch."""
+    def record(self, name: str, worker: int, output: Any) -> bool:
+        """Pool the module's outputs for one batch; False when the batch's selector skips it."""
         batch = self.batches[worker]
+        recorded = False
         for site, index in self.groups[name]:
             tensor = pick_output(output, index, site)
-            mask = batch.attention_mask
-            if batch.rows is not None:
-                tensor = tensor[batch.rows]
-                mask = None if mask is None else mask[batch.rows]
-            self.samples[site][worker] = pool(tensor, mask, site).cpu()
+            pooled = pooled_sample(site, tensor, batch.attention_mask, batch.rows, batch.select)
+            if pooled is not None:
+                self.samples[site][worker] = pooled
+                recorded = True
+        return recorded
 
     def fit(self, name: str) -> None:
         """Fit the maps of one module from every batch's samples."""
@@ -146,7 +147,8 @@ def collect_lockstep(fitter: _CausalFitter, progress: Progress | None) -> None:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             worker = state.current_worker()
             if name not in fitter.maps:
-                fitter.record(name, worker, output)
+                if not fitter.record(name, worker, output):
+                    return None
                 state.pause(worker, name)
             return fitter.apply(name, args, kwargs, output)
 
@@ -275,6 +277,8 @@ def collect_truncated(fitter: _CausalFitter, progress: Progress | None) -> None:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if name in fitter.maps:
                 return fitter.apply(name, args, kwargs, output)
+            if not fitter.record(name, current["worker"], output):
+                return None
             if current["module"] is None:
                 current["module"] = name
             elif current["module"] != name:
@@ -282,7 +286,6 @@ def collect_truncated(fitter: _CausalFitter, progress: Progress | None) -> None:
                     f"batches reached different modules first ({current['module']}, {name}); "
                     "causal collection needs every batch to run the selected modules in one order"
                 )
-            fitter.record(name, current["worker"], output)
             raise _Stop
 
         return hook

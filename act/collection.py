@@ -87,6 +87,7 @@ def collect(
         for done, batch in enumerate(batches, start=1):
             recorder.attention_mask = batch.attention_mask
             recorder.rows = batch.rows
+            recorder.select = batch.select
             batch.run()
             collected[batch.label].append(recorder.take())
             if progress is not None:

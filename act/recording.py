@@ -7,7 +7,7 @@ outputs are taken as they are. Only the pooled rows are kept, so memory is O(N *
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,11 +39,40 @@ def pool(tensor: torch.Tensor, attention_mask: torch.Tensor | None, site: str) -
     return torch.bmm(weights.unsqueeze(1), tensor.float()).squeeze(1) / counts
 
 
+Selector = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None] | None]
+"""`select(site, output) -> (rows to pool, attention mask or None)`, or None to skip the call."""
+
+
+def pooled_sample(
+    site: str,
+    tensor: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    rows: slice | None = None,
+    select: Selector | None = None,
+) -> torch.Tensor | None:
+    """Pool one module output to (B', D) float32 on the CPU, or None when `select` skips it.
+
+    `select`, when given, decides the rows and mask per site and call (e.g. only the
+    denoiser's first call, or only the text encoder's mask); otherwise `rows` and
+    `attention_mask` apply to every site.
+    """
+    if select is not None:
+        chosen = select(site, tensor)
+        if chosen is None:
+            return None
+        tensor, attention_mask = chosen
+    elif rows is not None:
+        tensor = tensor[rows]
+        attention_mask = None if attention_mask is None else attention_mask[rows]
+    return pool(tensor, attention_mask, site).cpu()
+
+
 class Recorder:
     """Forward hooks that append pooled outputs of the given sites.
 
     Before each forward pass, set `attention_mask` (B, T) for token outputs with padding and
-    `rows` (a slice of the batch, e.g. the conditional half of a CFG batch) as needed.
+    `rows` (a slice of the batch, e.g. the conditional half of a CFG batch) as needed, or
+    `select` to decide per site and call (see `pooled_sample`).
     """
 
     def __init__(self, model: nn.Module, sites: Sequence[str]) -> None:
@@ -54,6 +83,7 @@ class Recorder:
         self.sites = list(sites)
         self.attention_mask: torch.Tensor | None = None
         self.rows: slice | None = None
+        self.select: Selector | None = None
         self._rows: dict[str, list[torch.Tensor]] = {site: [] for site in self.sites}
         self._handles = []
         try:
@@ -66,17 +96,17 @@ class Recorder:
     def _hook(self, entries: list[tuple[str, int | None]]):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             for site, index in entries:
-                self._rows[site].append(self.pool(pick_output(output, index, site), site))
+                pooled = self.pool(pick_output(output, index, site), site)
+                if pooled is not None:
+                    self._rows[site].append(pooled)
 
         return hook
 
-    def pool(self, tensor: torch.Tensor, site: str) -> torch.Tensor:
-        """Pool one output with the current mask and rows; the result is on the CPU."""
-        mask = self.attention_mask
-        if self.rows is not None:
-            tensor = tensor[self.rows]
-            mask = None if mask is None else mask[self.rows]
-        pooled = pool(tensor, mask, site).cpu()
+    def pool(self, tensor: torch.Tensor, site: str) -> torch.Tensor | None:
+        """Pool one output with the current mask, rows or selector (None: skipped)."""
+        pooled = pooled_sample(site, tensor, self.attention_mask, self.rows, self.select)
+        if pooled is None:
+            return None
         previous = self._rows[site]
         if previous and previous[0].shape[1] != pooled.shape[1]:
             raise ActError(

@@ -10,6 +10,7 @@ import torch
 
 from act.errors import ActError
 from act.fitting import fit_transport
+from act.recording import Selector
 from act.transport import Transport
 
 LABELS = ("source", "target")
@@ -24,12 +25,15 @@ class Batch:
         label: "source" or "target".
         attention_mask: (B, T) mask of real tokens for token outputs, if padded.
         rows: the rows of the batch to record (e.g. the conditional half of a CFG batch).
+        select: instead of `attention_mask` and `rows`, decides per site and call which rows
+            to pool with which mask, or skips the call (see `act.recording.pooled_sample`).
     """
 
     run: Callable[[], Any]
     label: str
     attention_mask: torch.Tensor | None = None
     rows: slice | None = None
+    select: Selector | None = None
 
     def __post_init__(self) -> None:
         if self.label not in LABELS:

@@ -141,3 +141,34 @@ def test_modules_that_do_not_run_are_reported():
         collect(model, SITES, [b for b in batches if b.label == "source"])
     with pytest.raises(ActError, match="label"):
         Batch(lambda: None, "positive")
+
+
+def test_selectors_choose_rows_and_calls_per_site():
+    model = Stack()
+    batches, inputs = _batches(model, count=2)
+
+    def second_call_only():
+        calls = []
+
+        def select(site, tensor):
+            if site == "blocks.0.norm":
+                calls.append(site)
+                if len(calls) == 1:
+                    return None
+            return tensor[:2], None
+
+        return select
+
+    def twice(x, label):
+        return Batch(lambda: (model(x), model(x * 0.5)), label, select=second_call_only())
+
+    runs = [twice(x, b.label) for b, x in zip(batches, inputs, strict=True)]
+    simultaneous = collect(model, SITES, runs)
+    with torch.no_grad():
+        expected = model.blocks[0].norm(model.embed(inputs[0][:2] * 0.5)).mean(dim=1)
+    assert simultaneous.source["blocks.0.norm"].shape == (2, 8)
+    assert simultaneous.source["blocks.1.norm"].shape == (4, 8)  # both calls of other sites
+    torch.testing.assert_close(simultaneous.source["blocks.0.norm"], expected)
+    runs = [twice(x, b.label) for b, x in zip(batches, inputs, strict=True)]
+    causal = collect(model, ["blocks.0.norm"], runs, causal=True, support="all")
+    torch.testing.assert_close(causal.source["blocks.0.norm"], expected)
