@@ -30,18 +30,26 @@ RowSelector = Callable[[int], Sequence[slice] | None]
 
 
 def transport_in_place(tensor: torch.Tensor, coefficients: Coefficients) -> None:
-    """Apply coefficients to `tensor` **in place**, computing in float32 (no autograd)."""
+    """Apply coefficients to `tensor` **in place**, computing in float32 (no autograd).
+
+    The support gate uses float 0/1 masks (`a + mask * (T_s(a) - a)`): on CPUs, comparisons
+    and selects through bool tensors cost several times more than float arithmetic.
+    """
     scale, shift = coefficients.scale, coefficients.shift
     if tensor.ndim >= 4:
         tensor.add_(_channel_shift(tensor, coefficients).to(tensor.dtype))
-    elif coefficients.bounded:
-        inside = (tensor > coefficients.lo) & (tensor < coefficients.hi)
-        moved = torch.addcmul(shift, tensor.float(), scale).to(tensor.dtype)
-        torch.where(inside, moved, tensor, out=tensor)
-    elif tensor.dtype == torch.float32:
-        torch.addcmul(shift, tensor, scale, out=tensor)
+        return
+    work = tensor if tensor.dtype == torch.float32 else tensor.float()
+    if coefficients.bounded:
+        delta = torch.addcmul(shift, work, coefficients.scale_minus_one)
+        above = torch.gt(work, coefficients.lo, out=torch.empty_like(work))
+        below = torch.lt(work, coefficients.hi, out=torch.empty_like(work))
+        delta.mul_(above)
+        work.addcmul_(delta, below)
     else:
-        tensor.copy_(torch.addcmul(shift, tensor.float(), scale))
+        torch.addcmul(shift, work, scale, out=work)
+    if work is not tensor:
+        tensor.copy_(work)
 
 
 def transported(tensor: torch.Tensor, coefficients: Coefficients) -> torch.Tensor:
@@ -58,7 +66,7 @@ def _channel_shift(tensor: torch.Tensor, coefficients: Coefficients) -> torch.Te
     """`T_s(m) - m` per sample and channel (m the spatial mean), broadcastable over space."""
     spatial = tuple(range(2, tensor.ndim))
     mean = tensor.mean(dim=spatial, dtype=torch.float32)
-    delta = torch.addcmul(coefficients.shift, mean, coefficients.scale - 1)
+    delta = torch.addcmul(coefficients.shift, mean, coefficients.scale_minus_one)
     if coefficients.bounded:
         inside = (mean > coefficients.lo) & (mean < coefficients.hi)
         delta = torch.where(inside, delta, 0.0)

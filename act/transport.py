@@ -20,17 +20,23 @@ METHODS = ("linear", "mean", "gaussian")
 
 @dataclass(frozen=True)
 class Coefficients:
-    """`a -> scale * a + shift` where `lo < a < hi`; float32 tensors of shape (D,)."""
+    """`a -> scale * a + shift` where `lo < a < hi`; float32 tensors of shape (D,).
+
+    `scale_minus_one` (so that `T_s(a) - a = (scale - 1) * a + shift`) and `bounded` (whether
+    any unit has a finite bound, so a comparison is needed) are derived once.
+    """
 
     scale: torch.Tensor
     shift: torch.Tensor
     lo: torch.Tensor
     hi: torch.Tensor
+    scale_minus_one: torch.Tensor = field(init=False, repr=False)
+    bounded: bool = field(init=False)
 
-    @property
-    def bounded(self) -> bool:
-        """Whether any unit has a finite support bound (so a comparison is needed)."""
-        return bool(torch.isfinite(self.lo).any() or torch.isfinite(self.hi).any())
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale_minus_one", self.scale - 1)
+        finite = torch.isfinite(self.lo).any() | torch.isfinite(self.hi).any()
+        object.__setattr__(self, "bounded", bool(finite))
 
     def to(self, device: torch.device | str) -> Coefficients:
         """The same coefficients on another device."""
