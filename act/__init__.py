@@ -6,15 +6,15 @@ Rodriguez et al., "Controlling Language and Diffusion Models by Transporting Act
 share them as safetensors files (`Transport.save` / `Transport.load`).
 """
 
-from act.baking import Baked, bake, bake_deltas
-from act.collection import collect
-from act.errors import ActError, ModelMismatchError, TransportFileError
-from act.fitting import fit_transport
-from act.recording import Recorder, record
-from act.samples import Batch, Samples
-from act.selection import PRESETS, register_preset, select_modules
-from act.steering import Steering, steer
-from act.transport import ModuleMap, Transport
+from .baking import Baked, bake, bake_deltas
+from .collection import collect
+from .errors import ActError, ModelMismatchError, TransportFileError
+from .fitting import fit_transport
+from .recording import Recorder, record
+from .samples import Batch, Samples
+from .selection import PRESETS, register_preset, select_modules
+from .steering import Steering, steer
+from .transport import ModuleMap, Transport
 
 __version__ = "0.1.0"
 

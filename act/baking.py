@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from act.errors import ActError
-from act.hooks import check_fingerprint, resolve_module, split_site
-from act.selection import is_norm
-from act.transport import Transport
+from .errors import ActError
+from .hooks import check_fingerprint, resolve_module, split_site
+from .selection import is_norm
+from .transport import Transport
 
 
 def bake_deltas(

@@ -22,19 +22,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from act.errors import ActError
-from act.fitting import fit_transport
-from act.hooks import (
+from .errors import ActError
+from .fitting import fit_transport
+from .hooks import (
     can_modify_in_place,
     group_by_module,
     pick_output,
     replace_output,
     resolve_module,
 )
-from act.recording import pooled_sample
-from act.samples import Batch
-from act.steering import transport_in_place, transported
-from act.transport import ModuleMap
+from .recording import pooled_sample
+from .samples import Batch
+from .steering import transport_in_place, transported
+from .transport import ModuleMap
 
 Progress = Callable[[int, int], None]
 

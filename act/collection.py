@@ -7,13 +7,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from act.causal import _CausalFitter, collect_lockstep, collect_truncated
-from act.errors import ActError
-from act.fitting import Support
-from act.hooks import module_fingerprint
-from act.recording import Recorder
-from act.samples import Batch, Samples
-from act.transport import METHODS, Transport
+from .causal import _CausalFitter, collect_lockstep, collect_truncated
+from .errors import ActError
+from .fitting import Support
+from .hooks import module_fingerprint
+from .recording import Recorder
+from .samples import Batch, Samples
+from .transport import METHODS, Transport
 
 
 def collect(

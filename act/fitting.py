@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from act.errors import ActError
-from act.transport import METHODS, ModuleMap, Transport
+from .errors import ActError
+from .transport import METHODS, ModuleMap, Transport
 
 ArrayLike = torch.Tensor | np.ndarray
 _QUANTILE_SUPPORT = re.compile(r"q(\d+(?:\.\d+)?)")
@@ -116,7 +116,7 @@ def fit_transport(
     (source_count, target_count) = counts.pop()
     transport = Transport(maps, method, support, source_count, target_count)
     if model is not None:
-        from act.hooks import module_fingerprint
+        from .hooks import module_fingerprint
 
         transport.model_class = type(model).__name__
         transport.module_params = module_fingerprint(model, list(maps))

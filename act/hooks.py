@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from act.errors import ActError, ModelMismatchError
+from .errors import ActError, ModelMismatchError
 
 
 def split_site(site: str) -> tuple[str, int | None]:

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from act.errors import ActError, TransportFileError
-from act.fitting import Support
-from act.transport import METHODS, ModuleMap, Transport
+from .errors import ActError, TransportFileError
+from .fitting import Support
+from .transport import METHODS, ModuleMap, Transport
 
 FORMAT = "act-transport"
 FORMAT_VERSION = 1

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from act.errors import ActError
-from act.hooks import group_by_module, pick_output, resolve_module
+from .errors import ActError
+from .hooks import group_by_module, pick_output, resolve_module
 
 
 def pool(tensor: torch.Tensor, attention_mask: torch.Tensor | None, site: str) -> torch.Tensor:

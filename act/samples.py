@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from act.errors import ActError
-from act.fitting import fit_transport
-from act.recording import Selector
-from act.transport import Transport
+from .errors import ActError
+from .fitting import fit_transport
+from .recording import Selector
+from .transport import Transport
 
 LABELS = ("source", "target")
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from act.errors import ActError
-from act.hooks import near_matches, split_site
+from .errors import ActError
+from .hooks import near_matches, split_site
 
 SiteFinder = Callable[[nn.Module], list[str]]
 

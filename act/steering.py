@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from act.errors import ActError
-from act.hooks import (
+from .errors import ActError
+from .hooks import (
     can_modify_in_place,
     check_fingerprint,
     check_width,
@@ -24,7 +24,7 @@ from act.hooks import (
     replace_output,
     resolve_module,
 )
-from act.transport import Coefficients, ModuleMap, Transport
+from .transport import Coefficients, ModuleMap, Transport
 
 RowSelector = Callable[[int], Sequence[slice] | None]
 

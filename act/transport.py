@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from act.errors import ActError
+from .errors import ActError
 
 METHODS = ("linear", "mean", "gaussian")
 
@@ -184,13 +184,13 @@ class Transport:
 
     def save(self, path: str | Path) -> None:
         """Write the transport as a safetensors file with a JSON header."""
-        from act.io import save_transport
+        from .io import save_transport
 
         save_transport(self, path)
 
     @classmethod
     def load(cls, path: str | Path) -> Transport:
         """Read and validate a transport file written by `save`."""
-        from act.io import load_transport
+        from .io import load_transport
 
         return load_transport(path)
