@@ -7,7 +7,7 @@ files in `act.io`, and applying it to a model in `act.steering` / `act.baking`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,23 @@ class Transport:
             f"units={self.units}, samples={self.source_samples}+{self.target_samples}, "
             f"sites=[{shown}])"
         )
+
+    def component(self, prefix: str) -> Transport | None:
+        """The maps of sites under `prefix.`, renamed without the prefix (None if there are none).
+
+        Transports fitted on several components at once (e.g. `unet.*` and `text_encoder.*`)
+        are applied one component at a time with this.
+        """
+        start = f"{prefix}."
+        maps = {site[len(start) :]: m for site, m in self.maps.items() if site.startswith(start)}
+        if not maps:
+            return None
+        params = {
+            site[len(start) :]: shapes
+            for site, shapes in self.module_params.items()
+            if site.startswith(start)
+        }
+        return replace(self, maps=maps, module_params=params)
 
     def save(self, path: str | Path) -> None:
         """Write the transport as a safetensors file with a JSON header."""

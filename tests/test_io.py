@@ -103,3 +103,20 @@ def test_repr_and_summary_describe_the_transport():
     transport = Transport({f"m{i}": random_map(4) for i in range(5)}, "mean", "all", 3, 4)
     assert "modules=5" in repr(transport) and "(+2)" in repr(transport)
     assert "5 modules, 20 units, method mean, support all" in transport.summary()
+
+
+def test_component_selects_and_renames_sites_under_a_prefix():
+    transport = Transport(
+        {"unet.a": random_map(4), "unet.b:1": random_map(4), "text_encoder.c": random_map(4)},
+        "linear",
+        "all",
+        3,
+        3,
+        module_params={"unet.a": {"weight": [4]}, "text_encoder.c": {"weight": [4]}},
+    )
+    unet = transport.component("unet")
+    assert unet.sites == ["a", "b:1"] and unet.module_params == {"a": {"weight": [4]}}
+    assert unet.maps["a"] is transport.maps["unet.a"] and unet.method == "linear"
+    assert transport.component("text_encoder").sites == ["c"]
+    assert transport.component("vae") is None
+    assert transport.sites == ["unet.a", "unet.b:1", "text_encoder.c"]
