@@ -7,6 +7,6 @@ ComfyUI calls `comfy_entrypoint`.
 
 async def comfy_entrypoint():
     """Return the pack's ComfyExtension (called by ComfyUI at start-up)."""
-    from .nodes import ActExtension
+    from .nodes.extension import ActExtension
 
     return ActExtension()

@@ -182,6 +182,17 @@ class Transport:
             f"sites=[{shown}])"
         )
 
+    def subset(self, sites: list[str]) -> Transport:
+        """The same transport restricted to `sites` (in that order)."""
+        unknown = [site for site in sites if site not in self.maps]
+        if unknown:
+            raise ActError(f"sites not in this transport: {unknown}")
+        return replace(
+            self,
+            maps={site: self.maps[site] for site in sites},
+            module_params={s: self.module_params[s] for s in sites if s in self.module_params},
+        )
+
     def component(self, prefix: str) -> Transport | None:
         """The maps of sites under `prefix.`, renamed without the prefix (None if there are none).
 

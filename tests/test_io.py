@@ -120,3 +120,18 @@ def test_component_selects_and_renames_sites_under_a_prefix():
     assert transport.component("text_encoder").sites == ["c"]
     assert transport.component("vae") is None
     assert transport.sites == ["unet.a", "unet.b:1", "text_encoder.c"]
+
+
+def test_subset_keeps_the_named_sites_in_order():
+    transport = Transport(
+        {"a": random_map(4), "b": random_map(4), "c": random_map(4)},
+        "mean",
+        "all",
+        3,
+        3,
+        module_params={"a": {"weight": [4]}, "c": {"weight": [4]}},
+    )
+    part = transport.subset(["c", "b"])
+    assert part.sites == ["c", "b"] and part.module_params == {"c": {"weight": [4]}}
+    with pytest.raises(Exception, match="not in this transport"):
+        transport.subset(["z"])

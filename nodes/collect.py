@@ -1,0 +1,184 @@
+"""Node: Collect Activations."""
+
+from __future__ import annotations
+
+import time
+
+import comfy.model_management
+import comfy.utils
+from comfy_api.latest import io, ui
+
+from ..act import collect
+from ..act.transport import METHODS
+from .collection import WHERE, collection_batches, collection_root, describe_models
+from .presets import LAYER_CHOICES
+from .prompts import parse_prompts
+from .types import CATEGORY, Samples
+
+SUPPORTS = ["range", "all", "q01", "q05", "q10"]
+
+
+class CollectActivations(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AcTCollectActivations",
+            display_name="AcT Collect Activations",
+            category=CATEGORY,
+            description=(
+                "Runs source and target prompts through the model and records the mean "
+                "activation of the chosen layers for each prompt (the positive branch of the "
+                "first, noisiest denoising step by default). Feed the result to Fit Transport."
+            ),
+            inputs=[
+                io.Model.Input(
+                    "model",
+                    optional=True,
+                    tooltip="Diffusion model to collect from (with its LoRAs and patches).",
+                ),
+                io.Clip.Input(
+                    "clip",
+                    optional=True,
+                    tooltip="Text encoder: encodes the prompts, and is collected from for 'text encoder'.",
+                ),
+                io.String.Input(
+                    "source_prompts",
+                    multiline=True,
+                    default="",
+                    tooltip="What to move away from, one prompt per line (e.g. plain captions).",
+                ),
+                io.String.Input(
+                    "target_prompts",
+                    multiline=True,
+                    default="",
+                    tooltip="What to move towards, one prompt per line (e.g. the same captions with a style).",
+                ),
+                io.Combo.Input(
+                    "where",
+                    options=WHERE,
+                    default="diffusion model",
+                    tooltip="Which part of the model to collect from and later steer.",
+                ),
+                io.Combo.Input(
+                    "layers",
+                    options=LAYER_CHOICES,
+                    default="auto",
+                    tooltip="auto: all norm layers of UNets and text encoders, the block outputs of FLUX. 'layer norms only' can be baked.",
+                ),
+                io.String.Input(
+                    "layer_regex",
+                    default="",
+                    optional=True,
+                    tooltip="With 'custom regex': one full-match pattern per line over module names, ':N' for element N of a tuple output.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Noise seed; source and target prompts at the same position share noise.",
+                ),
+                io.Int.Input(
+                    "width", default=512, min=64, max=4096, step=8, tooltip="Collection resolution."
+                ),
+                io.Int.Input(
+                    "height",
+                    default=512,
+                    min=64,
+                    max=4096,
+                    step=8,
+                    tooltip="Collection resolution.",
+                ),
+                io.Int.Input(
+                    "steps",
+                    default=1,
+                    min=1,
+                    max=20,
+                    tooltip="Record the first N denoising steps of a 20-step schedule (1: the first, highest-noise step, as in the paper).",
+                ),
+                io.Int.Input(
+                    "batch_size",
+                    default=4,
+                    min=1,
+                    max=64,
+                    tooltip="Prompts per sampler call. Lower it if memory runs out.",
+                ),
+                io.Boolean.Input(
+                    "causal",
+                    default=False,
+                    tooltip="Fit layer after layer while collecting, each on the output of the layers already fitted (the paper's incremental estimation). Method and support then have to match Fit Transport's.",
+                ),
+                io.Combo.Input(
+                    "method",
+                    options=list(METHODS),
+                    default="linear",
+                    tooltip="Causal only: the estimator used while collecting.",
+                ),
+                io.Combo.Input(
+                    "support",
+                    options=SUPPORTS,
+                    default="range",
+                    tooltip="Causal only: the support used while collecting.",
+                ),
+            ],
+            outputs=[Samples.Output(display_name="samples")],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        source_prompts: str,
+        target_prompts: str,
+        where: str,
+        layers: str,
+        seed: int,
+        width: int,
+        height: int,
+        steps: int,
+        batch_size: int,
+        causal: bool,
+        method: str,
+        support: str,
+        model=None,
+        clip=None,
+        layer_regex: str = "",
+    ) -> io.NodeOutput:
+        prompts = {
+            "source": parse_prompts(source_prompts, "source_prompts"),
+            "target": parse_prompts(target_prompts, "target_prompts"),
+        }
+        root, sites = collection_root(model, clip, where, layers, layer_regex)
+        if causal and where != "diffusion model":
+            batch_size = 1  # text-encoder modules run once per prompt
+        batches = collection_batches(
+            model,
+            clip,
+            where,
+            prompts,
+            batch_size=batch_size,
+            seed=seed,
+            width=width,
+            height=height,
+            steps=steps,
+        )
+        progress = comfy.utils.ProgressBar(len(sites) if causal else len(batches))
+
+        def report(done: int, total: int) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            progress.update_absolute(done, total)
+
+        start = time.perf_counter()
+        samples = collect(
+            root,
+            sites,
+            batches,
+            causal=causal,
+            method=method,
+            support=support,
+            progress=report,
+            info={"source_prompts": prompts["source"], "target_prompts": prompts["target"]},
+        )
+        samples.model_class = describe_models(model, clip, where)
+        summary = f"{samples.summary()} in {time.perf_counter() - start:.1f} s"
+        return io.NodeOutput(samples, ui=ui.PreviewText(summary))

@@ -1,0 +1,206 @@
+"""ComfyUI's diffusion model (MODEL patcher): steering through a keyed wrapper, and sampling
+the first denoising calls for collection.
+
+The DIFFUSION_MODEL wrapper registers the hooks when the model runs and removes them in
+`finally`, resolving modules through `executor.class_obj` at run time (so LoRAs and other
+patches applied at load time are seen). The input MODEL is never modified: nodes clone it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
+
+import comfy.patcher_extension
+import comfy.sample
+import torch
+
+from ..act import Transport, steer
+from ..act.hooks import check_fingerprint
+from .presets import is_flux
+
+PREFIX = "diffusion_model"
+WRAPPER_KEY = "act"
+COLLECTION_KEY = "act_collect"
+SCHEDULE_STEPS = 20
+
+
+def call_arguments(executor: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The diffusion model's call arguments by name (transformer_options is positional and
+    its index depends on the architecture: UNet 5, FLUX 7)."""
+    try:
+        return inspect.signature(executor.original).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        options = next((a for a in args if isinstance(a, dict) and "cond_or_uncond" in a), {})
+        return {**kwargs, "transformer_options": kwargs.get("transformer_options", options)}
+
+
+def positive_rows(cond_or_uncond: list[int], batch: int) -> list[slice]:
+    """Row slices of the positive (conditional) chunks of a batched model call."""
+    size = batch // max(len(cond_or_uncond), 1)
+    return [slice(i * size, (i + 1) * size) for i, kind in enumerate(cond_or_uncond) if kind == 0]
+
+
+def is_single_block(site: str) -> bool:
+    """FLUX single-stream block sites, whose outputs hold `[text; image]` tokens."""
+    return site.startswith("single_blocks.")
+
+
+def image_token_rows(rows: list[slice], text_tokens: int) -> list[tuple[slice, slice]]:
+    """Index expressions keeping only the image tokens (after the text tokens) of `rows`."""
+    return [(r, slice(text_tokens, None)) for r in rows]
+
+
+def steered_model(
+    model: Any,
+    transport: Transport,
+    strength: float,
+    start_percent: float = 0.0,
+    end_percent: float = 1.0,
+    positive_only: bool = False,
+) -> Any:
+    """A clone of `model` whose diffusion model is steered while sampling.
+
+    Args:
+        transport: sites relative to the diffusion model (`input_blocks.1.1…`).
+        start_percent, end_percent: steer only while the sampling progress is in this range.
+        positive_only: steer only the positive (conditional) half of CFG batches.
+
+    Raises:
+        ModelMismatchError: a module is missing or has other parameter shapes.
+    """
+    root = model.model.diffusion_model
+    check_fingerprint(root, transport.module_params, transport.model_class)
+    sampling = model.get_model_object("model_sampling")
+    sigma_start = float(sampling.percent_to_sigma(start_percent))
+    sigma_end = float(sampling.percent_to_sigma(end_percent))
+    flux = is_flux(root)
+    parts = _split_single_blocks(transport) if flux else [(False, transport)]
+
+    def wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        arguments = call_arguments(executor, args, kwargs)
+        options = arguments.get("transformer_options") or {}
+        sigmas = options.get("sigmas")
+        if strength == 0 or (
+            sigmas is not None and not sigma_end <= float(sigmas.max()) <= sigma_start
+        ):
+            return executor(*args, **kwargs)
+        kinds = list(options.get("cond_or_uncond") or [0])
+        context = arguments.get("context")
+        text_tokens = context.shape[1] if isinstance(context, torch.Tensor) else 0
+        with ExitStack() as stack:
+            for singles, part in parts:
+                rows = _row_selector(kinds, positive_only, singles, text_tokens)
+                stack.enter_context(steer(executor.class_obj, part, strength, rows=rows))
+            return executor(*args, **kwargs)
+
+    steered = model.clone()
+    steered.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper
+    )
+    return steered
+
+
+def _row_selector(
+    kinds: list[int], positive_only: bool, singles: bool, text_tokens: int
+) -> Callable[[int], list] | None:
+    if not positive_only and not singles:
+        return None
+
+    def rows(batch: int) -> list:
+        chosen = positive_rows(kinds, batch) if positive_only else [slice(None)]
+        return image_token_rows(chosen, text_tokens) if singles else chosen
+
+    return rows
+
+
+def _split_single_blocks(transport: Transport) -> list[tuple[bool, Transport]]:
+    """FLUX: single-block sites need their text tokens left alone; steer them separately."""
+    singles = [site for site in transport.sites if is_single_block(site)]
+    others = [site for site in transport.sites if not is_single_block(site)]
+    return [
+        (single, transport.subset(sites))
+        for single, sites in ((False, others), (True, singles))
+        if sites
+    ]
+
+
+class FirstSteps:
+    """Sampling context of one collection batch: which calls to record, which rows are positive.
+
+    The wrapper counts the diffusion model's calls; the first `steps` are recorded and
+    sampling stops after the last of them.
+    """
+
+    class Stop(Exception):
+        """Ends sampling once the recorded steps are done."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.calls = 0
+        self.kinds: list[int] = [0]
+        self.text_tokens = 0
+
+    @property
+    def recording(self) -> bool:
+        return 0 < self.calls <= self.steps
+
+    def wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        arguments = call_arguments(executor, args, kwargs)
+        options = arguments.get("transformer_options") or {}
+        self.kinds = list(options.get("cond_or_uncond") or [0])
+        context = arguments.get("context")
+        self.text_tokens = context.shape[1] if isinstance(context, torch.Tensor) else 0
+        self.calls += 1
+        output = executor(*args, **kwargs)
+        if self.calls >= self.steps:
+            raise FirstSteps.Stop
+        return output
+
+    def select(self, site: str, tensor: torch.Tensor, flux: bool) -> torch.Tensor | None:
+        """The positive rows (and image tokens) of a recorded call, or None."""
+        if not self.recording:
+            return None
+        rows: list[Any] = positive_rows(self.kinds, tensor.shape[0])
+        if flux and is_single_block(site):
+            rows = image_token_rows(rows, self.text_tokens)
+        return torch.cat([tensor[index] for index in rows])
+
+    def sample(
+        self,
+        model: Any,
+        positive: list,
+        negative: list,
+        latent: torch.Tensor,
+        seed: int,
+        indices: list[int],
+    ) -> None:
+        """Run ComfyUI's sampler (euler, normal schedule, cfg 1) until the steps are recorded.
+
+        `indices` number the prompts of the batch: prompt i gets the i-th noise of the seed
+        whatever the batch size, so the samples do not depend on the batching.
+        """
+        sampled = model.clone()
+        sampled.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, COLLECTION_KEY, self.wrapper
+        )
+        latent = comfy.sample.fix_empty_latent_channels(sampled, latent)
+        noise = comfy.sample.prepare_noise(latent, seed, indices)
+        with contextlib.suppress(FirstSteps.Stop):
+            comfy.sample.sample(
+                sampled,
+                noise,
+                max(SCHEDULE_STEPS, self.steps),
+                1.0,
+                "euler",
+                "normal",
+                positive,
+                negative,
+                latent,
+                denoise=1.0,
+                disable_pbar=True,
+                seed=seed,
+            )

@@ -1,0 +1,25 @@
+"""The pack's ComfyExtension: every node it registers."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .apply import ApplyAcT
+from .bake import BakeAcT
+from .collect import CollectActivations
+from .files import LoadTransport, SaveTransport
+from .fit import FitTransport
+
+NODES: list[type[io.ComfyNode]] = [
+    CollectActivations,
+    FitTransport,
+    ApplyAcT,
+    BakeAcT,
+    SaveTransport,
+    LoadTransport,
+]
+
+
+class ActExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

@@ -1,0 +1,180 @@
+"""Real ComfyUI in-process for the node tests: setup, the pack, and tiny models.
+
+Needs `COMFYUI_PATH` (a ComfyUI checkout) and a Python that can import it; tests skip
+otherwise. Nothing is written into the checkout: ComfyUI's base directory (models/, output/,
+custom_nodes/) is a temporary folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = "comfyui_act_pack"
+
+TINY_SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4,
+    "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
+    "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
+    "transformer_depth": [1, 1, 1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 32,
+    "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}  # fmt: skip
+
+TINY_CLIP = {
+    "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0,
+    "dropout": 0.0, "eos_token_id": 49407, "hidden_act": "quick_gelu", "hidden_size": 32,
+    "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64,
+    "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "model_type": "clip_text_model",
+    "num_attention_heads": 2, "num_hidden_layers": 2, "pad_token_id": 1, "projection_dim": 32,
+    "torch_dtype": "float32", "vocab_size": 49408,
+}  # fmt: skip
+
+TINY_FLUX = {
+    "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
+    "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0,
+    "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [8, 12, 12],
+    "theta": 10000, "patch_size": 2, "qkv_bias": True, "txt_ids_dims": [],
+}  # fmt: skip
+
+
+def comfyui_path() -> Path:
+    """The checkout named by COMFYUI_PATH, or skip the calling test."""
+    path = os.environ.get("COMFYUI_PATH")
+    if not path or not (Path(path) / "comfy").is_dir():
+        pytest.skip("set COMFYUI_PATH to a ComfyUI checkout to run the ComfyUI tests")
+    return Path(path)
+
+
+def start_comfy(base: Path) -> None:
+    """Import ComfyUI in-process on the CPU with `base` as its base directory."""
+    path = str(comfyui_path())
+    if path in sys.path:
+        sys.path.remove(path)
+    sys.path.insert(0, path)  # before the repository: ComfyUI's `nodes` module must win
+    try:
+        import comfy.cli_args
+    except ImportError as error:
+        pytest.skip(f"ComfyUI cannot be imported with this Python: {error}")
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.base_directory = str(base)
+    comfy.cli_args.args.disable_api_nodes = True
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    import comfy.model_management  # device selection reads the args
+    import folder_paths
+
+    assert Path(folder_paths.base_path).resolve() == base.resolve()
+
+
+def load_pack() -> ModuleType:
+    """Import the repository as ComfyUI does: a package loaded from its folder."""
+    if PACK in sys.modules:
+        return sys.modules[PACK]
+    spec = importlib.util.spec_from_file_location(
+        PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def init_weights(module, seed: int = 0) -> None:
+    """ComfyUI builds layers with empty weights: fill them deterministically."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if parameter.ndim >= 2:
+                values = torch.randn(parameter.shape, generator=generator)
+                parameter.copy_(values / math.sqrt(parameter[0].numel()))
+            elif name.endswith("weight"):
+                parameter.copy_(1.0 + 0.1 * torch.randn(parameter.shape, generator=generator))
+            else:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+
+
+def tiny_model(kind: str = "sd15", seed: int = 0):
+    """A MODEL (ModelPatcher) with a tiny SD1.5-config UNet or a tiny FLUX, float32, CPU."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    if kind == "sd15":
+        config = comfy.supported_models.SD15(dict(TINY_SD15_UNET))
+    else:
+        config = comfy.supported_models.Flux(dict(TINY_FLUX))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({}, "")
+    init_weights(base.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(
+        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+
+
+def tiny_clip(seed: int = 0, hidden: int = 32):
+    """A CLIP with a 2-layer CLIP-L of width `hidden` and ComfyUI's SD1 tokenizer."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    config = {**TINY_CLIP, "hidden_size": hidden, "projection_dim": hidden}
+
+    class TinyClipL(comfy.sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            super().__init__(
+                device=device,
+                dtype=dtype,
+                model_options=model_options or {},
+                textmodel_json_config=dict(config),
+                return_projected_pooled=False,
+            )
+
+    class TinyClip(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kwargs):
+            super().__init__(
+                device=device,
+                dtype=dtype,
+                model_options=model_options or {},
+                clip_model=TinyClipL,
+                **kwargs,
+            )
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinyClip)
+    clip = comfy.sd.CLIP(target=target)
+    init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def encode(clip, text: str, **extra) -> list:
+    """CLIPTextEncode."""
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return [[cond, {"pooled_output": pooled, **extra}]]
+
+
+def sample(model, positive, negative, seed: int = 0, steps: int = 3, cfg: float = 5.0, size=16):
+    """KSampler on an empty latent: the denoised latent."""
+    import comfy.sample
+    import torch
+
+    latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros([1, 4, size, size]))
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(
+        model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+        denoise=1.0, disable_pbar=True, seed=seed,
+    )  # fmt: skip
+
+
+def temporary_base() -> Path:
+    return Path(tempfile.mkdtemp(prefix="act-comfyui-"))

@@ -1,0 +1,284 @@
+"""The node pack in a real ComfyUI, in-process, with tiny models built from ComfyUI's classes.
+
+Skipped unless COMFYUI_PATH names a ComfyUI checkout importable by this Python.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from comfy_support import (
+    PACK,
+    encode,
+    load_pack,
+    sample,
+    start_comfy,
+    temporary_base,
+    tiny_clip,
+    tiny_model,
+)
+
+THINGS = ("cat", "dog", "house", "tree", "car", "boat")
+SOURCE = "\n".join(f"a photo of a {thing}" for thing in THINGS)
+TARGET = "\n".join(f"a watercolor painting of a {thing}" for thing in THINGS)
+
+
+@pytest.fixture(scope="module")
+def pack():
+    base = temporary_base()
+    start_comfy(base)
+    load_pack()
+    extension = importlib.import_module(f"{PACK}.nodes.extension")
+    nodes = {node.define_schema().node_id: node for node in extension.NODES}
+    yield SimpleNamespace(nodes=nodes, base=base)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _collect(pack, model, clip, **overrides):
+    arguments = dict(
+        model=model,
+        clip=clip,
+        source_prompts=SOURCE,
+        target_prompts=TARGET,
+        where="diffusion model",
+        layers="auto",
+        seed=0,
+        width=128,
+        height=128,
+        steps=1,
+        batch_size=3,
+        causal=False,
+        method="linear",
+        support="range",
+    )
+    arguments.update(overrides)
+    return pack.nodes["AcTCollectActivations"].execute(**arguments).result[0]
+
+
+def _fit(pack, samples, method="linear", support="all"):
+    return (
+        pack.nodes["AcTFitTransport"]
+        .execute(samples=samples, method=method, support=support)
+        .result[0]
+    )
+
+
+def _apply(
+    pack, transport, model=None, clip=None, strength=1.0, start=0.0, end=1.0, positive=False
+):
+    output = pack.nodes["AcTApply"].execute(
+        transport=transport,
+        model=model,
+        clip=clip,
+        strength=strength,
+        start_percent=start,
+        end_percent=end,
+        apply_to="positive only" if positive else "both branches",
+    )
+    return output.result
+
+
+def _hooks_left(module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+@pytest.fixture(scope="module")
+def sd15(pack):
+    model, clip = tiny_model("sd15"), tiny_clip()
+    samples = _collect(pack, model, clip)
+    transport = _fit(pack, samples)
+    conds = encode(clip, "a photo of a cat"), encode(clip, "")
+    return SimpleNamespace(
+        model=model, clip=clip, samples=samples, transport=transport, conds=conds
+    )
+
+
+def test_collect_fit_apply_sample_and_strength_zero_is_bit_identical(pack, sd15):
+    assert sd15.samples.source["diffusion_model.out.0"].shape == (6, 32)
+    assert len(sd15.transport.maps) == len(sd15.samples.source) > 20
+    plain = sample(sd15.model, *sd15.conds)
+    (off, _) = _apply(pack, sd15.transport, model=sd15.model, strength=0.0)
+    assert torch.equal(sample(off, *sd15.conds), plain)
+    (on, _) = _apply(pack, sd15.transport, model=sd15.model, strength=1.0)
+    steered = sample(on, *sd15.conds)
+    assert not torch.allclose(steered, plain, atol=1e-4)
+    assert torch.equal(sample(sd15.model, *sd15.conds), plain)  # the input MODEL is untouched
+    assert _hooks_left(sd15.model.model.diffusion_model) == 0
+    assert not sd15.model.wrappers  # nothing was added to the input
+
+
+def test_collection_pools_only_the_positive_rows_of_the_first_call(pack, sd15):
+    with_cfg = _collect(pack, sd15.model, sd15.clip, batch_size=1)
+    for site, values in sd15.samples.source.items():
+        torch.testing.assert_close(with_cfg.source[site], values, rtol=1e-4, atol=1e-5)
+
+
+def test_positive_only_leaves_the_negative_branch_unchanged(pack, sd15):
+    import comfy.model_management
+
+    (steered, _) = _apply(pack, sd15.transport, model=sd15.model, positive=True)
+    positive, negative = sd15.conds
+    context = torch.cat([negative[0][0], positive[0][0]])
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    sigma = torch.tensor([1.5, 1.5])
+
+    def run(model):
+        comfy.model_management.load_models_gpu([model])
+        options = {"wrappers": model.wrappers, "cond_or_uncond": [1, 0], "sigmas": sigma}
+        return model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+
+    plain, moved = run(sd15.model), run(steered)
+    assert torch.equal(moved[0], plain[0])  # unconditional half
+    assert not torch.allclose(moved[1], plain[1], atol=1e-4)
+
+
+def test_a_window_outside_the_schedule_changes_nothing(pack, sd15):
+    plain = sample(sd15.model, *sd15.conds)
+    (late, _) = _apply(pack, sd15.transport, model=sd15.model, start=1.0, end=1.0)
+    assert torch.equal(sample(late, *sd15.conds), plain)
+    (early, _) = _apply(pack, sd15.transport, model=sd15.model, start=0.0, end=0.3)
+    assert not torch.equal(sample(early, *sd15.conds), plain)
+
+
+def test_two_chained_apply_nodes_both_steer(pack, sd15):
+    other = _fit(pack, sd15.samples, method="mean", support="all")
+    (first, _) = _apply(pack, sd15.transport, model=sd15.model, strength=0.5)
+    (chained_off, _) = _apply(pack, other, model=first, strength=0.0)
+    (chained, _) = _apply(pack, other, model=first, strength=1.0)
+    once = sample(first, *sd15.conds)
+    assert torch.equal(sample(chained_off, *sd15.conds), once)
+    assert not torch.allclose(sample(chained, *sd15.conds), once, atol=1e-4)
+
+
+def test_weight_patches_applied_before_apply_are_kept(pack, sd15):
+    patched = sd15.model.clone()
+    key = "diffusion_model.middle_block.1.norm.weight"
+    assert patched.add_patches({key: ("diff", [torch.full((64,), 0.3)])}, 1.0, 1.0) == [key]
+    lora = sample(patched, *sd15.conds)
+    assert not torch.equal(lora, sample(sd15.model, *sd15.conds))
+    (off, _) = _apply(pack, sd15.transport, model=patched, strength=0.0)
+    assert torch.equal(sample(off, *sd15.conds), lora)
+    (on, _) = _apply(pack, sd15.transport, model=patched, strength=1.0)
+    (on_plain, _) = _apply(pack, sd15.transport, model=sd15.model, strength=1.0)
+    assert not torch.allclose(sample(on, *sd15.conds), sample(on_plain, *sd15.conds), atol=1e-4)
+
+
+def test_text_encoder_collect_and_steer_leave_the_input_clip_alone(pack, sd15):
+    samples = _collect(pack, None, sd15.clip, where="text encoder", batch_size=4)
+    assert all(site.startswith("clip.clip_l.") for site in samples.sites)
+    transport = _fit(pack, samples)
+    tokens = sd15.clip.tokenize("a photo of a cat")
+    plain = sd15.clip.encode_from_tokens(tokens)
+    (_, steered) = _apply(pack, transport, clip=sd15.clip, strength=1.0)
+    assert not torch.allclose(steered.encode_from_tokens(tokens), plain, atol=1e-4)
+    (_, off) = _apply(pack, transport, clip=sd15.clip, strength=0.0)
+    assert torch.equal(off.encode_from_tokens(tokens), plain)
+    assert torch.equal(sd15.clip.encode_from_tokens(tokens), plain)
+
+
+def test_text_encoder_samples_pool_real_tokens_only(pack, sd15):
+    short = _collect(
+        pack, None, sd15.clip, where="text encoder", source_prompts="a cat", target_prompts="a dog"
+    )
+    site = "clip.clip_l.transformer.text_model.final_layer_norm"
+    captured = {}
+    module = sd15.clip.cond_stage_model.get_submodule(site.removeprefix("clip."))
+    handle = module.register_forward_hook(lambda m, a, o: captured.update(out=o.detach().clone()))
+    try:
+        sd15.clip.encode_from_tokens(sd15.clip.tokenize("a cat"))
+    finally:
+        handle.remove()
+    real = captured["out"][0, :4].float().mean(dim=0)  # start token, "a", "cat", end token
+    torch.testing.assert_close(short.source[site][0], real, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_collection_from_the_graph(pack, sd15):
+    samples = _collect(
+        pack, sd15.model, sd15.clip, causal=True, support="all", layers="layer norms only"
+    )
+    transport = _fit(pack, samples, support="all")
+    assert transport.causal
+    with pytest.raises(Exception, match="collected causally"):
+        _fit(pack, samples, method="mean", support="all")
+
+
+def test_save_and_load_round_trip_and_reload_on_change(pack, sd15):
+    save = pack.nodes["AcTSaveTransport"]
+    load = pack.nodes["AcTLoadTransport"]
+    save.execute(transport=sd15.transport, filename="tiny style", overwrite=True)
+    import folder_paths
+
+    assert "tiny style.safetensors" in folder_paths.get_filename_list("act")
+    loaded = load.execute(transport_name="tiny style.safetensors").result[0]
+    assert loaded.sites == sd15.transport.sites
+    assert torch.equal(
+        loaded.maps[loaded.sites[0]].omega, sd15.transport.maps[loaded.sites[0]].omega
+    )
+    before = load.fingerprint_inputs(transport_name="tiny style.safetensors")
+    save.execute(
+        transport=_fit(pack, sd15.samples, method="mean"), filename="tiny style", overwrite=True
+    )
+    assert load.fingerprint_inputs(transport_name="tiny style.safetensors") != before
+    save.execute(transport=sd15.transport, filename="tiny style", overwrite=False)
+    assert "tiny style_2.safetensors" in folder_paths.get_filename_list("act")
+    assert load.validate_inputs(transport_name="missing.safetensors") is not True
+
+
+def test_a_transport_for_another_model_is_rejected(pack, sd15):
+    flux = tiny_model("flux")
+    with pytest.raises(Exception, match=r"not found|shape"):
+        _apply(pack, sd15.transport, model=flux)
+    wider = tiny_clip(hidden=48)
+    text = _fit(pack, _collect(pack, None, sd15.clip, where="text encoder"))
+    with pytest.raises(Exception, match=r"\(48,\).*\(32,\)"):
+        _apply(pack, text, clip=wider)
+    with pytest.raises(Exception, match="connect a MODEL"):
+        _apply(pack, sd15.transport, clip=sd15.clip)
+
+
+def test_interrupting_collection_leaves_the_model_clean(pack, sd15):
+    import comfy.model_management as mm
+
+    plain = sample(sd15.model, *sd15.conds)
+    for causal in (False, True):
+        mm.interrupt_current_processing(True)
+        with pytest.raises(mm.InterruptProcessingException):
+            _collect(pack, sd15.model, sd15.clip, causal=causal)
+        mm.interrupt_current_processing(False)
+        assert _hooks_left(sd15.model.model.diffusion_model) == 0
+        assert _hooks_left(sd15.clip.cond_stage_model) == 0
+    assert torch.equal(sample(sd15.model, *sd15.conds), plain)
+
+
+def test_bake_matches_apply_and_refuses_inexact_maps(pack, sd15):
+    plain = sample(sd15.model, *sd15.conds)
+    samples = _collect(pack, sd15.model, sd15.clip, layers="layer norms only")
+    transport = _fit(pack, samples, support="all")
+    bake = pack.nodes["AcTBake"]
+    (baked, _) = bake.execute(transport=transport, model=sd15.model, clip=None, strength=0.7).result
+    (hooked, _) = _apply(pack, transport, model=sd15.model, strength=0.7)
+    torch.testing.assert_close(
+        sample(baked, *sd15.conds), sample(hooked, *sd15.conds), rtol=1e-3, atol=1e-3
+    )
+    with pytest.raises(Exception, match=r"support 'range'|channel maps"):
+        bake.execute(transport=sd15.transport, model=sd15.model, clip=None, strength=1.0)
+    assert torch.equal(sample(sd15.model, *sd15.conds), plain)
+
+
+def test_flux_blocks_collect_and_steer_image_tokens(pack):
+    flux, clip = tiny_model("flux"), tiny_clip()
+    samples = _collect(pack, flux, clip, batch_size=2)
+    assert "diffusion_model.double_blocks.0:0" in samples.sites
+    assert "diffusion_model.single_blocks.0" in samples.sites
+    assert "diffusion_model.single_blocks.1" not in samples.sites  # only the first half
+    transport = _fit(pack, samples)
+    conds = encode(clip, "a photo of a cat", guidance=3.5), encode(clip, "", guidance=3.5)
+    plain = sample(flux, *conds, cfg=1.0, size=8)
+    (off, _) = _apply(pack, transport, model=flux, strength=0.0)
+    assert torch.equal(sample(off, *conds, cfg=1.0, size=8), plain)
+    (on, _) = _apply(pack, transport, model=flux, strength=1.0)
+    assert not torch.allclose(sample(on, *conds, cfg=1.0, size=8), plain, atol=1e-4)
