@@ -9,6 +9,7 @@ from .bake import BakeAcT
 from .collect import CollectActivations
 from .files import LoadTransport, SaveTransport
 from .fit import FitTransport
+from .sweep import LabelledGrid, StrengthSweep
 
 NODES: list[type[io.ComfyNode]] = [
     CollectActivations,
@@ -17,6 +18,8 @@ NODES: list[type[io.ComfyNode]] = [
     BakeAcT,
     SaveTransport,
     LoadTransport,
+    StrengthSweep,
+    LabelledGrid,
 ]
 
 

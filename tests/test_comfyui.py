@@ -282,3 +282,53 @@ def test_flux_blocks_collect_and_steer_image_tokens(pack):
     assert torch.equal(sample(off, *conds, cfg=1.0, size=8), plain)
     (on, _) = _apply(pack, transport, model=flux, strength=1.0)
     assert not torch.allclose(sample(on, *conds, cfg=1.0, size=8), plain, atol=1e-4)
+
+
+def test_strength_sweep_renders_each_strength_from_the_same_noise(pack, sd15):
+    latent = {"samples": torch.zeros([1, 4, 16, 16])}
+    sweep = pack.nodes["AcTStrengthSweep"].execute(
+        model=sd15.model,
+        transport=sd15.transport,
+        positive=sd15.conds[0],
+        negative=sd15.conds[1],
+        latent_image=latent,
+        strengths="0, 0.5\n1",
+        seed=0,
+        steps=3,
+        cfg=5.0,
+        sampler_name="euler",
+        scheduler="normal",
+    )
+    (result, labels) = sweep.result
+    assert result["samples"].shape == (3, 4, 16, 16)
+    assert labels.splitlines() == ["strength 0", "strength 0.5", "strength 1"]
+    plain = sample(sd15.model, *sd15.conds)
+    assert torch.equal(result["samples"][0:1], plain)
+    (on, _) = _apply(pack, sd15.transport, model=sd15.model, strength=1.0)
+    torch.testing.assert_close(result["samples"][2:3], sample(on, *sd15.conds))
+    with pytest.raises(ValueError, match="strengths must be numbers"):
+        pack.nodes["AcTStrengthSweep"].execute(
+            model=sd15.model,
+            transport=sd15.transport,
+            positive=sd15.conds[0],
+            negative=sd15.conds[1],
+            latent_image=latent,
+            strengths="0, strong",
+            seed=0,
+            steps=3,
+            cfg=5.0,
+            sampler_name="euler",
+            scheduler="normal",
+        )
+
+
+def test_labelled_grid_tiles_images_under_their_labels(pack):
+    images = torch.rand(5, 8, 10, 3)
+    (grid,) = (
+        pack.nodes["AcTLabelledGrid"].execute(images=images, labels="a\nb\nc", columns=3).result
+    )
+    label = importlib.import_module(f"{PACK}.nodes.sweep").LABEL_HEIGHT
+    assert grid.shape == (1, 2 * (8 + label), 30, 3)
+    expected = (images[4].numpy() * 255).round() / 255
+    torch.testing.assert_close(grid[0, 8 + 2 * label :, 10:20], torch.from_numpy(expected))
+    assert grid[0, :label].min() < 0.5  # the label text is drawn

@@ -1,0 +1,154 @@
+"""Nodes: Strength Sweep (one prompt at several strengths) and Labelled Grid."""
+
+from __future__ import annotations
+
+import re
+
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image, ImageDraw, ImageFont
+
+from ..act import ActError
+from . import diffusion_model
+from .apply import parts_of
+from .types import CATEGORY, Transport
+
+LABEL_HEIGHT = 28
+
+
+def parse_strengths(text: str) -> list[float]:
+    """Strengths from "0, 0.25, 0.5" (commas, spaces or new lines between them)."""
+    words = [word for word in re.split(r"[,\s]+", text or "") if word]
+    try:
+        strengths = [float(word) for word in words]
+    except ValueError:
+        raise ActError(f"strengths must be numbers separated by commas, got {text!r}") from None
+    if not strengths:
+        raise ActError("strengths is empty: give a list such as 0, 0.5, 1")
+    return strengths
+
+
+def label_grid(images: torch.Tensor, labels: list[str], columns: int) -> torch.Tensor:
+    """Tile images (B, H, W, 3) in `columns` columns, each with its label above it."""
+    count, height, width, _ = images.shape
+    columns = max(1, min(columns or count, count))
+    rows = -(-count // columns)
+    cell = height + LABEL_HEIGHT
+    canvas = Image.new("RGB", (columns * width, rows * cell), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=max(10, LABEL_HEIGHT // 2))
+    pixels = (images.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    for index in range(count):
+        left, top = (index % columns) * width, (index // columns) * cell
+        canvas.paste(Image.fromarray(pixels[index]), (left, top + LABEL_HEIGHT))
+        label = labels[index] if index < len(labels) else ""
+        draw.text((left + 6, top + 6), label, fill="black", font=font)
+    grid = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
+    return grid.unsqueeze(0)
+
+
+class StrengthSweep(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AcTStrengthSweep",
+            display_name="AcT Strength Sweep",
+            category=CATEGORY,
+            description=(
+                "Samples the same seed and prompt once per strength, so you can pick a strength "
+                "by eye: decode the latents and feed them with the labels to AcT Labelled Grid. "
+                "Sweeps the diffusion-model maps of the transport (for text-encoder maps, use "
+                "Apply AcT once per strength)."
+            ),
+            inputs=[
+                io.Model.Input(
+                    "model",
+                    tooltip="Diffusion model (steered by the transport's diffusion-model maps).",
+                ),
+                Transport.Input("transport"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image"),
+                io.String.Input(
+                    "strengths",
+                    default="0, 0.25, 0.5, 0.75, 1",
+                    tooltip="Strengths to render, separated by commas.",
+                ),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True
+                ),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input(
+                    "sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"
+                ),
+                io.Combo.Input(
+                    "scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal"
+                ),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="LATENT"),
+                io.String.Output(display_name="labels"),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls, model, transport, positive, negative, latent_image, strengths: str, seed: int,
+        steps: int, cfg: float, sampler_name: str, scheduler: str,
+    ) -> io.NodeOutput:  # fmt: skip
+        values = parse_strengths(strengths)
+        diffusion, _ = parts_of(transport, model, None)
+        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        progress = comfy.utils.ProgressBar(len(values))
+        results = []
+        for done, strength in enumerate(values, start=1):
+            steered = diffusion_model.steered_model(model, diffusion, strength)
+            results.append(
+                comfy.sample.sample(
+                    steered, noise, steps, cfg, sampler_name, scheduler, positive, negative,
+                    latent, callback=latent_preview.prepare_callback(steered, steps),
+                    disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+                )
+            )  # fmt: skip
+            progress.update_absolute(done, len(values))
+        labels = [f"strength {value:g}" for value in values for _ in range(latent.shape[0])]
+        return io.NodeOutput({"samples": torch.cat(results)}, "\n".join(labels))
+
+
+class LabelledGrid(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AcTLabelledGrid",
+            display_name="AcT Labelled Grid",
+            category=CATEGORY,
+            description="Tiles a batch of images into one picture with a label above each (e.g. the strengths of a sweep).",
+            inputs=[
+                io.Image.Input("images"),
+                io.String.Input(
+                    "labels",
+                    multiline=True,
+                    default="",
+                    tooltip="One label per line, in image order (connect Strength Sweep's labels).",
+                ),
+                io.Int.Input(
+                    "columns",
+                    default=0,
+                    min=0,
+                    max=64,
+                    tooltip="Images per row; 0 puts them all in one row.",
+                ),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE")],
+        )
+
+    @classmethod
+    def execute(cls, images: torch.Tensor, labels: str, columns: int) -> io.NodeOutput:
+        return io.NodeOutput(label_grid(images, (labels or "").splitlines(), columns))
