@@ -41,9 +41,16 @@ class BakeAcT(io.ComfyNode):
                 "is refused with the reason; use Apply AcT for it."
             ),
             inputs=[
-                TransportSocket.Input("transport"),
-                io.Model.Input("model", optional=True),
-                io.Clip.Input("clip", optional=True),
+                TransportSocket.Input(
+                    "transport",
+                    tooltip="A transport fitted with support 'all' on layer norms (layers 'layer norms only').",
+                ),
+                io.Model.Input(
+                    "model", optional=True, tooltip="Diffusion model to bake the transport into."
+                ),
+                io.Clip.Input(
+                    "clip", optional=True, tooltip="Text encoder to bake the transport into."
+                ),
                 io.Float.Input(
                     "strength",
                     default=1.0,

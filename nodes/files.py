@@ -39,7 +39,7 @@ class SaveTransport(io.ComfyNode):
             category=CATEGORY,
             description="Saves a transport to models/act as a .safetensors file (no pickle), to reuse in other graphs or share.",
             inputs=[
-                Transport.Input("transport"),
+                Transport.Input("transport", tooltip="From Fit Transport."),
                 io.String.Input(
                     "filename",
                     default="my_style",

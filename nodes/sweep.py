@@ -70,25 +70,50 @@ class StrengthSweep(io.ComfyNode):
                     "model",
                     tooltip="Diffusion model (steered by the transport's diffusion-model maps).",
                 ),
-                Transport.Input("transport"),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Latent.Input("latent_image"),
+                Transport.Input("transport", tooltip="From Fit Transport or Load Transport."),
+                io.Conditioning.Input(
+                    "positive", tooltip="The prompt to render at every strength."
+                ),
+                io.Conditioning.Input("negative", tooltip="The negative prompt."),
+                io.Latent.Input(
+                    "latent_image", tooltip="The latent to sample, e.g. Empty Latent Image."
+                ),
                 io.String.Input(
                     "strengths",
                     default="0, 0.25, 0.5, 0.75, 1",
                     tooltip="Strengths to render, separated by commas.",
                 ),
                 io.Int.Input(
-                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="One seed for every strength, so only the strength changes.",
                 ),
-                io.Int.Input("steps", default=20, min=1, max=10000),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input(
-                    "sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"
+                io.Int.Input(
+                    "steps", default=20, min=1, max=10000, tooltip="Sampling steps, as in KSampler."
+                ),
+                io.Float.Input(
+                    "cfg",
+                    default=7.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="Classifier-free guidance, as in KSampler.",
                 ),
                 io.Combo.Input(
-                    "scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal"
+                    "sampler_name",
+                    options=comfy.samplers.KSampler.SAMPLERS,
+                    default="euler",
+                    tooltip="Sampler, as in KSampler.",
+                ),
+                io.Combo.Input(
+                    "scheduler",
+                    options=comfy.samplers.KSampler.SCHEDULERS,
+                    default="normal",
+                    tooltip="Scheduler, as in KSampler.",
                 ),
             ],
             outputs=[
@@ -131,7 +156,10 @@ class LabelledGrid(io.ComfyNode):
             category=CATEGORY,
             description="Tiles a batch of images into one picture with a label above each (e.g. the strengths of a sweep).",
             inputs=[
-                io.Image.Input("images"),
+                io.Image.Input(
+                    "images",
+                    tooltip="A batch of images, e.g. the decoded latents of a Strength Sweep.",
+                ),
                 io.String.Input(
                     "labels",
                     multiline=True,
