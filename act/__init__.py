@@ -6,14 +6,17 @@ Rodriguez et al., "Controlling Language and Diffusion Models by Transporting Act
 share them as safetensors files (`Transport.save` / `Transport.load`).
 """
 
+from .api import steer
 from .baking import Baked, bake, bake_deltas
 from .collection import collect
+from .diffusion import collect_pipeline, fit_pipeline
+from .diffusion_steering import PipelineSteering, steer_pipeline
 from .errors import ActError, ModelMismatchError, TransportFileError
 from .fitting import fit_transport
 from .recording import Recorder, record
 from .samples import Batch, Samples
 from .selection import PRESETS, register_preset, select_modules
-from .steering import Steering, steer
+from .steering import Steering
 from .transport import ModuleMap, Transport
 
 __version__ = "0.1.0"
@@ -25,6 +28,7 @@ __all__ = [
     "Batch",
     "ModelMismatchError",
     "ModuleMap",
+    "PipelineSteering",
     "Recorder",
     "Samples",
     "Steering",
@@ -33,9 +37,12 @@ __all__ = [
     "bake",
     "bake_deltas",
     "collect",
+    "collect_pipeline",
+    "fit_pipeline",
     "fit_transport",
     "record",
     "register_preset",
     "select_modules",
     "steer",
+    "steer_pipeline",
 ]

@@ -1,0 +1,236 @@
+"""Diffusers front end: collection from tiny SD, SDXL and FLUX pipelines, fitting, presets."""
+
+import pytest
+import torch
+from diffusion_fixtures import (
+    SOURCE,
+    TARGET,
+    call_kwargs,
+    captured,
+    flux_pipeline,
+    options,
+    sd_pipeline,
+    sdxl_pipeline,
+)
+
+from act import ActError, Transport
+from act.diffusion import collect_pipeline, fit_pipeline
+from act.diffusion_batches import real_tokens
+from act.diffusion_pipeline import StepClock
+
+GROUP_NORM = "unet.mid_block.resnets.1.norm1"  # after cross-attention: (B, C, H, W)
+LAYER_NORM = "unet.down_blocks.0.attentions.0.transformer_blocks.0.norm3"  # (B, HW, C)
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return sd_pipeline()
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return sdxl_pipeline()
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return flux_pipeline()
+
+
+def test_collection_pools_the_conditional_half_of_the_first_denoiser_call(sd):
+    unet_calls = []
+    handle = sd.unet.register_forward_hook(lambda m, a, o: unet_calls.append(1))
+    try:
+        samples = collect_pipeline(
+            sd,
+            SOURCE,
+            TARGET,
+            layers=[GROUP_NORM, LAYER_NORM],
+            batch_size=2,
+            **options(sd, num_inference_steps=4),
+        )
+    finally:
+        handle.remove()
+    assert len(unet_calls) == 3  # one call per batch (2 source + 1 target), not 4 steps
+    assert samples.sites == [GROUP_NORM, LAYER_NORM]
+    assert samples.source[GROUP_NORM].shape == (3, 64)
+    assert samples.target[GROUP_NORM].shape == (2, 64)
+    unet = sd.unet
+    group_norm = unet.get_submodule(GROUP_NORM[len("unet.") :])
+    layer_norm = unet.get_submodule(LAYER_NORM[len("unet.") :])
+    for prompts, seed, rows in ((SOURCE[:2], 0, slice(0, 2)), (SOURCE[2:], 1, slice(2, 3))):
+        with captured(group_norm) as maps, captured(layer_norm) as tokens, torch.no_grad():
+            sd(**call_kwargs(sd, prompt=prompts, seed=seed, num_inference_steps=4))
+        n = len(prompts)
+        assert maps[0].shape[0] == 2 * n  # classifier-free guidance: [uncond; cond]
+        expected = maps[0][n:].mean(dim=(2, 3))
+        torch.testing.assert_close(samples.source[GROUP_NORM][rows], expected)
+        torch.testing.assert_close(samples.source[LAYER_NORM][rows], tokens[0][n:].mean(dim=1))
+        assert not torch.allclose(samples.source[GROUP_NORM][rows], maps[0][:n].mean(dim=(2, 3)))
+    assert samples.model_class == "StableDiffusionPipeline"
+    assert samples.info["pipeline"]["components"]["unet"]["class"] == "UNet2DConditionModel"
+
+
+def test_at_steps_records_later_denoising_steps(sd):
+    module = sd.unet.get_submodule(GROUP_NORM[len("unet.") :])
+    with captured(module) as maps, torch.no_grad():
+        sd(**call_kwargs(sd, prompt=SOURCE[:1], num_inference_steps=3))
+    samples = collect_pipeline(
+        sd,
+        SOURCE[:1],
+        TARGET[:1],
+        layers=[GROUP_NORM],
+        at_steps=(0, 2),
+        **options(sd, num_inference_steps=3),
+    )
+    expected = torch.cat([maps[0][1:], maps[2][1:]]).mean(dim=(2, 3))
+    torch.testing.assert_close(samples.source[GROUP_NORM], expected)
+    with pytest.raises(ActError, match=r"step\(s\) \[5\] never ran"):
+        collect_pipeline(sd, SOURCE, TARGET, layers=[GROUP_NORM], at_steps=(5,), **options(sd))
+
+
+def test_text_encoders_pool_real_tokens_of_the_positive_prompt_only(sdxl):
+    calls = {"unet": 0, "text_encoder": 0, "text_encoder_2": 0}
+    handles = [
+        getattr(sdxl, name).register_forward_hook(
+            lambda m, a, o, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+        for name in calls
+    ]
+    try:
+        samples = collect_pipeline(
+            sdxl,
+            SOURCE,
+            TARGET,
+            where="text_encoder",
+            batch_size=2,
+            **options(sdxl, negative_prompt="blurry"),
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == {"unet": 0, "text_encoder": 3, "text_encoder_2": 3}  # no negative encoding
+    assert {site.split(".")[0] for site in samples.sites} == {"text_encoder", "text_encoder_2"}
+    site = "text_encoder_2.text_model.final_layer_norm"
+    ids = sdxl.tokenizer_2(SOURCE, padding="max_length", max_length=77, return_tensors="pt")
+    assert int(ids.input_ids[0, -1]) == 0 != sdxl.tokenizer_2.eos_token_id  # pads with "!"
+    with captured(sdxl.text_encoder_2.text_model.final_layer_norm) as outputs, torch.no_grad():
+        sdxl.text_encoder_2(ids.input_ids)
+    mask = real_tokens(ids.input_ids, sdxl.tokenizer_2.eos_token_id)
+    assert mask.sum(dim=1).tolist() == ids.attention_mask.sum(dim=1).tolist()
+    expected = torch.stack([out[m].mean(dim=0) for out, m in zip(outputs[0], mask, strict=True)])
+    torch.testing.assert_close(samples.source[site], expected)
+
+
+def test_real_tokens_end_at_the_first_end_of_text_token():
+    ids = torch.tensor([[5, 7, 9, 2, 2, 2], [5, 2, 0, 0, 0, 0], [5, 6, 7, 8, 9, 10]])
+    assert real_tokens(ids, 2).int().tolist() == [
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1],
+    ]
+
+
+def test_flux_presets_and_true_cfg_record_the_positive_call(flux):
+    transport = fit_pipeline(flux, SOURCE, TARGET, **options(flux))
+    double = [f"transformer.transformer_blocks.{i}:{s}" for i in (0, 1) for s in (0, 1)]
+    single = [
+        "transformer.single_transformer_blocks.0:0",
+        "transformer.single_transformer_blocks.0:1",
+    ]
+    assert transport.sites == double + single
+    plain = collect_pipeline(flux, SOURCE, TARGET, where="both", **options(flux))
+    true_cfg = collect_pipeline(
+        flux,
+        SOURCE,
+        TARGET,
+        where="both",
+        **options(flux, negative_prompt="blurry", true_cfg_scale=2.0),
+    )
+    assert {s.split(".")[0] for s in plain.sites} == {
+        "transformer",
+        "text_encoder",
+        "text_encoder_2",
+    }
+    assert flux._current_timestep is None  # as a full call leaves it
+    for site in plain.sites:
+        assert torch.equal(plain.source[site], true_cfg.source[site]), site
+
+
+def test_presets_defaults_and_regular_expressions(sd, sdxl):
+    transport = fit_pipeline(sd, SOURCE, TARGET, support="all", **options(sd))
+    assert len(transport.sites) == 33 and all(s.startswith("unet.") for s in transport.sites)
+    assert transport.model_class == "StableDiffusionPipeline" and transport.support == "all"
+    both = fit_pipeline(sdxl, SOURCE, TARGET, where="both", **options(sdxl))
+    prefixes = {site.split(".")[0] for site in both.sites}
+    assert prefixes == {"unet", "text_encoder", "text_encoder_2"} and len(both.sites) == 45 + 10
+    picked = collect_pipeline(
+        sd, SOURCE, TARGET, layers=r"unet\.mid_block\..*norm\d", **options(sd)
+    )
+    assert picked.sites and all(s.startswith("unet.mid_block.") for s in picked.sites)
+    with pytest.raises(ActError, match="matches no module"):
+        collect_pipeline(sd, SOURCE, TARGET, layers=r"mid_block\..*", **options(sd))
+
+
+@pytest.mark.parametrize("live", [None, 1])
+def test_causal_collection_fits_each_module_after_the_previous_maps(sd, live):
+    layers = [r"unet\.down_blocks\.0\.resnets\.0\.norm[12]", "text_encoder.final_layer_norm"]
+    kwargs = {"where": "both", "layers": layers, **options(sd, negative_prompt="blurry")}
+    causal = fit_pipeline(sd, SOURCE, TARGET, causal=True, max_live_batches=live, **kwargs)
+    plain = fit_pipeline(sd, SOURCE, TARGET, **kwargs)
+    encoder, first, second = plain.sites[2], plain.sites[0], plain.sites[1]
+    assert causal.causal and causal.sites == [encoder, first, second]  # in execution order
+    assert causal.model_class == "StableDiffusionPipeline"
+    for site in (encoder, first):  # nothing steered runs before them
+        torch.testing.assert_close(causal.maps[site].omega, plain.maps[site].omega)
+    assert not torch.allclose(causal.maps[second].omega, plain.maps[second].omega)
+    with pytest.raises(ActError, match="one denoising step"):
+        collect_pipeline(sd, SOURCE, TARGET, causal=True, at_steps=(0, 1), **options(sd))
+
+
+def test_transport_files_round_trip_with_the_pipeline_fingerprint(sd, tmp_path):
+    transport = fit_pipeline(sd, SOURCE, TARGET, where="both", **options(sd))
+    transport.save(tmp_path / "style.safetensors")
+    loaded = Transport.load(tmp_path / "style.safetensors")
+    assert loaded.sites == transport.sites and loaded.model_class == "StableDiffusionPipeline"
+    assert loaded.info == transport.info
+    assert loaded.info["source_prompts"] == SOURCE
+    assert loaded.info["pipeline"]["components"]["text_encoder"]["config"]["hidden_size"] == 32
+    for site in transport.sites:
+        assert torch.equal(loaded.maps[site].omega, transport.maps[site].omega)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"source_prompts": []}, "source_prompts is empty"),
+        ({"target_prompts": "a cat"}, "single string 'a cat'"),
+        ({"target_prompts": ["a cat", 3]}, r"target_prompts\[1\] is int"),
+        ({"where": "vae"}, "unknown where='vae'"),
+        ({"where": "transformer"}, "has no 'transformer' component; its denoiser is 'unet'"),
+        ({"generator": None}, "sets generator itself"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+        ({"at_steps": (-1,)}, "non-negative step indices"),
+    ],
+)
+def test_bad_arguments_are_named(sd, kwargs, message):
+    arguments = {"source_prompts": SOURCE, "target_prompts": TARGET, **options(sd), **kwargs}
+    with pytest.raises(ActError, match=message):
+        collect_pipeline(sd, **arguments)
+
+
+def test_step_clock_finds_sd_and_flux_timesteps():
+    class Scheduler:
+        timesteps = torch.tensor([1000.0, 750.0, 750.0, 250.0])
+
+    class Pipe:
+        scheduler = Scheduler()
+
+    clock = StepClock(Pipe())
+    seen = []
+    for t in (1000.0, 750.0, 750.0, 250.0, 3.0):
+        clock.update((None, torch.tensor(t)), {})
+        seen.append((clock.index, clock.call))
+    assert seen == [(0, 0), (1, 0), (1, 1), (3, 0), (None, 0)]
+    clock.update((), {"timestep": torch.tensor([0.25, 0.25])})  # FLUX passes t / 1000
+    assert (clock.index, clock.fraction) == (3, 0.75)
