@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -198,13 +198,28 @@ def describe_failure(status: dict[str, Any]) -> str:
     return json.dumps(status)[:2000]
 
 
-def prepare_base(base: Path, checkpoint: Path | None) -> None:
-    """custom_nodes/<pack> as a symlink to this repository; the checkpoint under its SD name."""
+def prepare_base(
+    base: Path,
+    checkpoint: Path | None,
+    models: Mapping[str, Path] | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> None:
+    """custom_nodes/<pack> as a symlink to this repository; the checkpoint under its SD name;
+    more model files (`models`: path under models/ -> file, symlinked); the front end's user
+    settings (`settings`, written to user/default/comfy.settings.json)."""
     (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
+    files = dict(models or {})
     if checkpoint is not None:
-        (base / "models" / "checkpoints").mkdir(parents=True)
-        (base / "models" / "checkpoints" / CHECKPOINT_NAME).symlink_to(checkpoint.resolve())
+        files[f"checkpoints/{CHECKPOINT_NAME}"] = checkpoint
+    for name, source in files.items():
+        link = base / "models" / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(source).resolve())
+    if settings:
+        user = base / "user" / "default"
+        user.mkdir(parents=True)
+        (user / "comfy.settings.json").write_text(json.dumps(dict(settings), indent=2))
 
 
 def wait_until_ready(server: ComfyServer, timeout: float) -> None:
@@ -238,6 +253,8 @@ def comfy_server(
     threads: int | None = 1,
     ready_timeout: float = 120,
     extra_args: tuple[str, ...] = (),
+    models: Mapping[str, Path] | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> Iterator[ComfyServer]:
     """Start ComfyUI on a free loopback port with this pack; always stop it and clean up.
 
@@ -248,12 +265,15 @@ def comfy_server(
             spin against each other.
         ready_timeout: seconds to wait for the server to answer.
         extra_args: more command-line options for main.py.
+        models: more files for models/, as {"checkpoints/sd_xl_base_1.0.safetensors": path}
+            (symlinked; ComfyUI lists them in its loaders' combos).
+        settings: front-end user settings, e.g. {"Comfy.TutorialCompleted": True}.
     """
     comfyui = comfyui_checkout()
     base = Path(tempfile.mkdtemp(prefix="act-comfyui-server-"))
     process = None
     try:
-        prepare_base(base, checkpoint)
+        prepare_base(base, checkpoint, models, settings)
         port = free_port()
         environment = {**os.environ, "PYTHONPYCACHEPREFIX": PYCACHE}
         environment.pop("PYTHONDONTWRITEBYTECODE", None)  # byte code is cached outside

@@ -1,0 +1,175 @@
+"""The shared workflows (workflows/*.json) against the node schemas, without ComfyUI (CI).
+
+The schemas are the committed snapshot tests/data/object_info.json of the live server's
+`/object_info` (test_workflows_comfyui.py keeps it equal to the server and says how to
+regenerate it). Every file in the folder is checked, so a new workflow needs no new test.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import pytest
+from workflow_schema import (
+    UI_ONLY,
+    WorkflowError,
+    check_workflow,
+    control_modes,
+    load_json,
+    load_snapshot,
+    to_api,
+    widget_values,
+    workflow_paths,
+)
+
+FEATURES = {
+    "style_sd15",
+    "style_sdxl",
+    "concept_negation_sd15",
+    "strength_sweep_sd15",
+    "save_transport_sd15",
+    "load_transport_sd15",
+}
+# the file names users already have (so a shared workflow finds their checkpoint)
+CHECKPOINTS = {"v1-5-pruned-emaonly.safetensors": 512, "sd_xl_base_1.0.safetensors": 1024}
+PATHS = {path.stem: path for path in workflow_paths()}
+
+
+@pytest.fixture(scope="module")
+def schemas() -> dict[str, Any]:
+    return load_snapshot()
+
+
+def nodes_of(workflow: dict[str, Any], node_type: str) -> list[dict[str, Any]]:
+    return [node for node in workflow["nodes"] if node["type"] == node_type]
+
+
+def test_one_workflow_per_feature():
+    assert set(PATHS) >= FEATURES
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_workflow_fits_the_node_schemas(name, schemas):
+    workflow = load_json(PATHS[name])
+    assert workflow.get("version") == 0.4 and workflow["nodes"], "not a UI-format workflow"
+    assert check_workflow(workflow, schemas) == []
+    prompt = to_api(workflow, schemas)
+    outputs = [node for node in prompt.values() if schemas[node["class_type"]]["output_node"]]
+    assert outputs, "nothing to run: the workflow has no output node"
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_notes_explain_the_steps_briefly(name):
+    notes = [node for node in load_json(PATHS[name])["nodes"] if node["type"] in UI_ONLY]
+    assert len(notes) >= 3
+    for note in notes:
+        text = note["widgets_values"][0]
+        sentences = [part for part in re.split(r"(?<=[.!?])\s+", text.strip()) if part]
+        assert 1 <= len(sentences) <= 3 and len(text) <= 300, text
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_defaults_are_for_real_use(name, schemas):
+    """Common checkpoint names; the model's native resolution for collection and images;
+    20-30 sampling steps; one collection step; collection seeds fixed (so it runs once)."""
+    workflow = load_json(PATHS[name])
+    checkpoints = [
+        widget_values(node, schemas)["ckpt_name"]
+        for node in nodes_of(workflow, "CheckpointLoaderSimple")
+    ]
+    assert set(checkpoints) <= set(CHECKPOINTS)
+    if not checkpoints:
+        return
+    (resolution,) = {CHECKPOINTS[name] for name in checkpoints}
+    for node in nodes_of(workflow, "EmptyLatentImage"):
+        values = widget_values(node, schemas)
+        assert (values["width"], values["height"]) == (resolution, resolution)
+    for node in nodes_of(workflow, "AcTCollectActivations"):
+        values = widget_values(node, schemas)
+        assert (values["width"], values["height"], values["steps"]) == (
+            resolution,
+            resolution,
+            1,
+        )
+        assert control_modes(node, schemas) == {"seed": "fixed"}
+    for kind in ("KSampler", "AcTStrengthSweep"):
+        for node in nodes_of(workflow, kind):
+            assert 20 <= widget_values(node, schemas)["steps"] <= 30
+
+
+def test_loaded_transports_are_saved_by_a_workflow(schemas):
+    saved = {
+        f"{widget_values(node, schemas)['filename']}.safetensors"
+        for path in PATHS.values()
+        for node in nodes_of(load_json(path), "AcTSaveTransport")
+    }
+    for name, path in PATHS.items():
+        for node in nodes_of(load_json(path), "AcTLoadTransport"):
+            assert widget_values(node, schemas)["transport_name"] in saved, name
+
+
+def test_the_conversion_follows_the_front_end_rules(schemas):
+    workflow = load_json(PATHS["style_sd15"])
+    prompt = to_api(workflow, schemas)
+    assert not any(node["class_type"] in UI_ONLY for node in prompt.values())
+    (collect,) = [node for node in prompt.values() if node["class_type"] == "AcTCollectActivations"]
+    assert collect["inputs"]["seed"] == 0 and collect["inputs"]["width"] == 512
+    assert "control_after_generate" not in collect["inputs"]
+    (apply,) = [node for node in prompt.values() if node["class_type"] == "AcTApply"]
+    (fit_id,) = [key for key, node in prompt.items() if node["class_type"] == "AcTFitTransport"]
+    assert apply["inputs"]["transport"] == [fit_id, 0]
+    (batch,) = [node for node in prompt.values() if node["class_type"] == "BatchImagesNode"]
+    assert set(batch["inputs"]) == {"images.image0", "images.image1"}
+
+
+def broken(node_type: str, field: str, index: int | None, value: Any) -> dict[str, Any]:
+    """style_sd15 with one change to the first node of `node_type` ("links": the links)."""
+    workflow = copy.deepcopy(load_json(PATHS["style_sd15"]))
+    target = workflow if node_type == "links" else nodes_of(workflow, node_type)[0]
+    if index is None:
+        target[field] = value
+    elif value is DELETE:
+        del target[field][index]
+    elif isinstance(target[field][index], dict):
+        target[field][index].update(value)
+    else:
+        target[field][index] = value
+    return workflow
+
+
+DELETE = object()
+BROKEN = [
+    ("AcTApply", "type", None, "AcTApplyOld", "unknown node type"),
+    ("AcTApply", "widgets_values", 0, 5.0, "above the maximum"),
+    ("AcTFitTransport", "widgets_values", 1, "some", "is not one of"),
+    ("KSampler", "widgets_values", 1, "sometimes", "control mode"),
+    ("EmptyLatentImage", "widgets_values", 2, DELETE, "widgets_values for"),
+    ("AcTApply", "inputs", 0, {"link": None}, "required input transport"),
+    ("AcTFitTransport", "outputs", 0, {"type": "MODEL"}, "not in the schema"),
+    ("KSampler", "mode", None, 4, "mode 4"),
+]
+
+
+@pytest.mark.parametrize(("node_type", "field", "index", "value", "message"), BROKEN)
+def test_the_check_finds_broken_workflows(node_type, field, index, value, message, schemas):
+    workflow = broken(node_type, field, index, value)
+    problems = check_workflow(workflow, schemas)
+    assert any(message in problem for problem in problems), problems
+    with pytest.raises(WorkflowError):
+        to_api(workflow, schemas)
+
+
+def test_the_check_finds_links_between_mismatched_types(schemas):
+    workflow = copy.deepcopy(load_json(PATHS["style_sd15"]))
+    (fit,) = nodes_of(workflow, "AcTFitTransport")
+    (apply,) = nodes_of(workflow, "AcTApply")
+    (checkpoint,) = nodes_of(workflow, "CheckpointLoaderSimple")
+    link = next(link for link in workflow["links"] if link[1:4:2] == [fit["id"], apply["id"]])
+    # feed Apply AcT's transport input from the checkpoint's MODEL output
+    link[1], link[2], link[5] = checkpoint["id"], 0, "MODEL"
+    checkpoint["outputs"][0]["links"].append(link[0])
+    fit["outputs"][0]["links"].remove(link[0])
+    problems = check_workflow(workflow, schemas)
+    assert any("MODEL cannot feed transport" in problem for problem in problems), problems

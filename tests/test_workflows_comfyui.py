@@ -1,0 +1,228 @@
+"""The shared workflows (workflows/*.json) on a real ComfyUI server.
+
+Every workflow converts to API format against the live `/object_info` with the PyPI converter
+`comfyui-autograph` (and agrees with tests/workflow_schema.py's conversion), passes the
+server's validation with no `node_errors`, and runs to success on an SD1.5-shaped random
+checkpoint. SDXL workflows run on that same SD1.5-shaped file placed under the SDXL name: the
+run checks their wiring, not SDXL itself. The runs shrink sizes to keep this fast (see
+TEST_SIZES); the committed files keep real sizes. Also: ComfyUI serves the folder as the pack's
+templates, and the committed schema snapshot (tests/data/object_info.json, which the CI test
+test_workflows.py checks the workflows against) still equals what the server reports.
+
+Regenerate the snapshot after changing a node's inputs, or when a workflow uses a new node
+(with COMFYUI_PATH set, as for every test here):
+
+    ACT_UPDATE_SNAPSHOT=1 python -m pytest tests/test_workflows_comfyui.py -k snapshot
+
+Skipped unless COMFYUI_PATH names a ComfyUI checkout whose requirements this Python has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from comfy_server import PACK_FOLDER, ComfyServer, comfy_server
+from comfy_server import comfyui_checkout as require_comfyui
+from sd15_checkpoint import cached_sd15_checkpoint
+from workflow_schema import (
+    SNAPSHOT,
+    load_json,
+    load_snapshot,
+    node_types,
+    snapshot_of,
+    to_api,
+    workflow_paths,
+)
+
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+# What the runs change, so that a random 44 M-parameter UNet finishes in seconds; the files
+# keep 512/1024 px and 20-30 steps for real use.
+TEST_SIZES = {
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "AcTCollectActivations": {"width": 64, "height": 64},
+    "KSampler": {"steps": 2},
+    "AcTStrengthSweep": {"steps": 2},
+}
+TEST_PIXELS = 64
+CACHE = ("--cache-lru", "32")
+LABEL_HEIGHT = 28  # AcT Labelled Grid's label strip
+WORKFLOWS = {path.stem: path for path in workflow_paths()}
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The SD1.5-shaped random checkpoint (shared with the other server tests of a session)."""
+    require_comfyui()
+    path = cached_sd15_checkpoint(tmp_path_factory.getbasetemp() / "sd15")
+    yield path
+    path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def server(sd15_checkpoint: Path) -> Iterator[ComfyServer]:
+    models = {f"checkpoints/{SDXL_CHECKPOINT}": sd15_checkpoint}
+    # LRU caching: a workflow whose collection equals an earlier one's (save_transport_sd15
+    # and style_sd15) reuses it, whatever ran in between; collection dominates the run time
+    with comfy_server(sd15_checkpoint, models=models, extra_args=CACHE) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def object_info(server: ComfyServer) -> dict[str, Any]:
+    return server.object_info()
+
+
+def without_meta(prompt: dict[str, Any]) -> dict[str, Any]:
+    """An API prompt without the `_meta` (titles) that converters may add."""
+    return {
+        node_id: {"class_type": node["class_type"], "inputs": node["inputs"]}
+        for node_id, node in prompt.items()
+    }
+
+
+def autograph_prompt(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
+    """The API prompt that comfyui-autograph makes of a UI workflow (warnings are errors)."""
+    autograph = pytest.importorskip("autograph")
+    result = autograph.convert_with_errors(workflow, node_info=object_info)
+    problems = [error.message for error in [*result.errors, *result.warnings]]
+    skipped = {node["type"] for node in workflow["nodes"]} - node_types(workflow)
+    problems = [
+        problem
+        for problem in problems
+        if not any(problem.endswith(f"node_info: {kind}") for kind in skipped)
+    ]  # Notes are skipped with a warning, as they should be
+    assert result.ok and not problems, problems
+    return without_meta(json.loads(json.dumps(result.data)))
+
+
+def test_the_snapshot_equals_the_live_schemas(object_info):
+    """tests/data/object_info.json == the live entries of the pack's nodes and the nodes the
+    workflows use. ACT_UPDATE_SNAPSHOT=1 rewrites it from the live server."""
+    pack = {
+        name
+        for name, entry in object_info.items()
+        if entry["python_module"] == f"custom_nodes.{PACK_FOLDER}"
+    }
+    used = set().union(*(node_types(load_json(path)) for path in WORKFLOWS.values()))
+    missing = sorted(used - set(object_info))
+    assert not missing, f"the workflows use node types the server lacks: {missing}"
+    live = snapshot_of(object_info, pack | used)
+    if os.environ.get("ACT_UPDATE_SNAPSHOT") == "1":
+        SNAPSHOT.parent.mkdir(parents=True, exist_ok=True)
+        SNAPSHOT.write_text(json.dumps(live, indent=1, sort_keys=True) + "\n")
+    snapshot = load_snapshot()
+    assert sorted(snapshot) == sorted(live), (
+        "the snapshot's node types differ from the pack's and the workflows' "
+        f"(regenerate it: see this file's docstring): {sorted(set(snapshot) ^ set(live))}"
+    )
+    stale = [name for name in live if snapshot[name] != live[name]]
+    assert not stale, f"schemas changed for {stale}: regenerate the snapshot (see docstring)"
+
+
+def test_comfyui_serves_the_workflows_as_the_packs_templates(server):
+    assert sorted(server.request("/workflow_templates")[PACK_FOLDER]) == sorted(WORKFLOWS)
+    for name, path in WORKFLOWS.items():
+        served = server.request(f"/api/workflow_templates/{PACK_FOLDER}/{path.name}")
+        assert served == load_json(path), name
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_workflow_converts_with_autograph_like_the_ci_converter(name, object_info):
+    workflow = load_json(WORKFLOWS[name])
+    assert autograph_prompt(workflow, object_info) == to_api(workflow, object_info)
+
+
+def shrunk(prompt: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an API prompt with TEST_SIZES applied."""
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        node["inputs"].update(TEST_SIZES.get(node["class_type"], {}))
+    return prompt
+
+
+class Runs:
+    """Runs workflows once each on the module's server, savers before their loaders."""
+
+    def __init__(self, server: ComfyServer, object_info: dict[str, Any]) -> None:
+        self.server = server
+        self.object_info = object_info
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def run(self, name: str) -> dict[str, Any]:
+        """{"status", "outputs", "prompt", "seconds"} of the workflow `name`'s run."""
+        if name not in self.results:
+            workflow = load_json(WORKFLOWS[name])
+            for needed in self.transports_loaded(workflow):
+                self.run(self.saver_of(needed))
+            prompt = shrunk(to_api(workflow, self.object_info))
+            start = time.perf_counter()
+            prompt_id = self.server.queue(prompt, {"extra_pnginfo": {"workflow": workflow}})
+            result = self.server.wait(prompt_id, timeout=300)
+            seconds = time.perf_counter() - start
+            print(f"\n{name}: ran in {seconds:.1f} s")
+            self.results[name] = {**result, "prompt": prompt, "seconds": seconds}
+        return self.results[name]
+
+    @staticmethod
+    def transports_loaded(workflow: dict[str, Any]) -> list[str]:
+        return [
+            node["widgets_values"][0]
+            for node in workflow["nodes"]
+            if node["type"] == "AcTLoadTransport"
+        ]
+
+    @staticmethod
+    def saver_of(transport_name: str) -> str:
+        for name, path in WORKFLOWS.items():
+            for node in load_json(path)["nodes"]:
+                saved = f"{(node.get('widgets_values') or [''])[0]}.safetensors"
+                if node["type"] == "AcTSaveTransport" and saved == transport_name:
+                    return name
+        raise AssertionError(f"no workflow saves {transport_name}")
+
+
+@pytest.fixture(scope="module")
+def runs(server: ComfyServer, object_info: dict[str, Any]) -> Runs:
+    return Runs(server, object_info)
+
+
+def expected_grid_width(prompt: dict[str, Any], grid: dict[str, Any]) -> int:
+    """The width of a Labelled Grid's picture in one row: one column per image, whose count
+    is the number of labels given, or the number of strengths of the sweep it is fed by."""
+    labels = grid["inputs"]["labels"]
+    if isinstance(labels, str):
+        return TEST_PIXELS * len(labels.splitlines())
+    sweep = prompt[labels[0]]["inputs"]
+    return TEST_PIXELS * len(sweep["strengths"].split(","))
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_workflow_validates_and_runs_on_the_generated_checkpoint(name, runs, server):
+    from PIL import Image
+
+    result = runs.run(name)  # PromptError on node_errors or on a failed run
+    assert result["status"]["status_str"] == "success"
+    prompt = result["prompt"]
+    for node_id, node in prompt.items():
+        if node["class_type"] == "SaveImage":
+            (path,) = server.output_files(result["outputs"], node_id)
+            with Image.open(path) as image:
+                width, height = image.size
+            source = prompt[node["inputs"]["images"][0]]
+            if source["class_type"] == "AcTLabelledGrid":
+                assert (width, height) == (
+                    expected_grid_width(prompt, source),
+                    TEST_PIXELS + LABEL_HEIGHT,
+                )
+            else:
+                assert (width, height) == (TEST_PIXELS, TEST_PIXELS)
+        if node["class_type"] == "AcTSaveTransport":
+            saved = server.base / "models" / "act" / f"{node['inputs']['filename']}.safetensors"
+            assert saved.is_file()
+            assert f"saved {saved.name}" in result["outputs"][node_id]["text"][0]

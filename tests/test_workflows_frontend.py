@@ -1,0 +1,148 @@
+"""The shared workflows (workflows/*.json) in the real ComfyUI front end, in headless Chromium.
+
+Each file is dropped into the front end the way a user drops it (`app.handleFile`). It must
+load with no missing node, model or input, no error overlay and nothing logged as an error
+or warning; the front end must queue exactly what the CI conversion (workflow_schema.to_api)
+computes, and would save the same widget values and links. A screenshot of each graph, fitted
+to the window, goes to pytest's temporary directory, or to ACT_SCREENSHOTS. Refresh the
+committed ones (docs/screenshots/, the pictures in the README) with, from the repository root:
+
+    ACT_SCREENSHOTS=docs/screenshots python -m pytest tests/test_workflows_frontend.py
+
+Needs COMFYUI_PATH (a ComfyUI checkout with its front-end package installed) and Chromium with
+chromedriver (Debian: chromium chromium-driver); skipped otherwise. The server gets empty
+files under the checkpoint and transport names the workflows use: the front end only lists
+names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from comfy_browser import (
+    Browser,
+    chromium,
+    chromium_binaries,
+    fit_view,
+    load_problems,
+    load_workflow,
+)
+from comfy_server import ROOT, ComfyServer, comfy_server, comfyui_checkout
+from workflow_schema import (
+    FILE_COMBOS,
+    load_json,
+    load_snapshot,
+    to_api,
+    widget_values,
+    workflow_paths,
+)
+
+WIDTH, HEIGHT = 1920, 1200  # the screenshots' size
+MAX_SCREENSHOT_BYTES = 500_000
+SETTINGS = {
+    "Comfy.TutorialCompleted": True,  # no template browser on the first visit
+    "Comfy.Minimap.Visible": False,  # the minimap would cover part of the graph
+}
+FOLDERS = {"ckpt_name": "checkpoints", "transport_name": "act"}
+WORKFLOWS = {path.stem: path for path in workflow_paths()}
+
+
+def model_files(schemas: dict[str, Any], placeholder: Path) -> dict[str, Path]:
+    """{"checkpoints/<name>": placeholder, "act/<name>": placeholder} for every file name the
+    workflows' file combos (checkpoint, transport) use."""
+    files = {}
+    for path in WORKFLOWS.values():
+        for node in load_json(path)["nodes"]:
+            for node_type, name in FILE_COMBOS:
+                if node["type"] == node_type:
+                    value = widget_values(node, schemas)[name]
+                    files[f"{FOLDERS[name]}/{value}"] = placeholder
+    return files
+
+
+@pytest.fixture(scope="module")
+def front_end(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ComfyServer, Browser]]:
+    comfyui_checkout()
+    chromium_binaries()
+    placeholder = tmp_path_factory.mktemp("models") / "placeholder.safetensors"
+    placeholder.write_bytes(b"")
+    models = model_files(load_snapshot(), placeholder)
+    start = time.perf_counter()
+    with (
+        comfy_server(models=models, settings=SETTINGS) as server,
+        chromium(WIDTH, HEIGHT) as browser,
+    ):
+        browser.open(server.url)
+        browser.wait_for("window.app && window.app.rootGraph && window.LiteGraph", timeout=120)
+        print(f"\nComfyUI front end ready in {time.perf_counter() - start:.1f} s")
+        yield server, browser
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = os.environ.get("ACT_SCREENSHOTS")
+    if not folder:
+        return tmp_path_factory.mktemp("screenshots")
+    path = Path(folder) if Path(folder).is_absolute() else ROOT / folder
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's header."""
+    header = path.read_bytes()[:24]
+    assert header.startswith(b"\x89PNG\r\n\x1a\n"), f"{path} is not a PNG"
+    return struct.unpack(">II", header[16:24])
+
+
+def links_and_values(workflow: dict[str, Any]) -> tuple[list, dict]:
+    """What a saved workflow means: its links, and every node's type and widget values."""
+    nodes = {node["id"]: (node["type"], node.get("widgets_values")) for node in workflow["nodes"]}
+    return sorted(workflow["links"]), nodes
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_workflow_loads_in_the_front_end_without_warnings(name, front_end, screenshots):
+    server, browser = front_end
+    path = WORKFLOWS[name]
+    start = time.perf_counter()
+    report = load_workflow(browser, path.name, path.read_text(encoding="utf-8"))
+    assert load_problems(report) == []
+    assert report["workflowName"] == name
+    workflow = load_json(path)
+    queued = {
+        node_id: {"class_type": node["class_type"], "inputs": node["inputs"]}
+        for node_id, node in report["prompt"].items()
+    }
+    assert queued == to_api(workflow, server.object_info())
+    assert links_and_values(report["saved"]) == links_and_values(workflow)
+    scale = fit_view(browser)
+    shot = browser.screenshot(screenshots / f"{name}.png")
+    print(f"\n{name}: loaded and photographed in {time.perf_counter() - start:.1f} s "
+          f"(zoom {scale:.0%}) -> {shot}")  # fmt: skip
+    assert png_size(shot) == (WIDTH, HEIGHT)
+    assert shot.stat().st_size <= MAX_SCREENSHOT_BYTES
+    assert scale >= 0.6, "the graph is too spread out to read in a screenshot"
+
+
+def test_the_load_check_sees_missing_nodes_and_models(front_end):
+    """A workflow with an unknown node and a checkpoint the server lacks is reported (runs
+    last: the front end keeps its error overlay open)."""
+    _, browser = front_end
+    workflow = load_json(WORKFLOWS["load_transport_sd15"])
+    for node in workflow["nodes"]:
+        if node["type"] == "AcTLoadTransport":
+            node["type"] = "AcTNoSuchNode"
+        if node["type"] == "CheckpointLoaderSimple":
+            node["widgets_values"] = ["no_such_checkpoint.safetensors"]
+    report = load_workflow(browser, "broken.json", json.dumps(workflow))
+    problems = "\n".join(load_problems(report))
+    assert "AcTNoSuchNode" in problems
+    assert "no_such_checkpoint.safetensors" in problems
