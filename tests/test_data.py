@@ -1,0 +1,40 @@
+"""The shipped prompt sets: balanced fitting sets, held-out evaluation sets."""
+
+import re
+
+import pytest
+
+from act.data import CONCEPTS, NAMES, lines
+from act.errors import ActError
+
+FITTING = ("toxic", "nontoxic", *CONCEPTS, "generic")
+HELD_OUT = ("toxic_prompts", "concept_prompts", "neutral")
+
+
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z']+", text.lower()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_set_is_non_empty_and_has_no_duplicates(name):
+    sentences = lines(name)
+    assert len(sentences) >= 24
+    assert len({_words(s) for s in sentences}) == len(sentences)
+    assert all(s == s.strip() and "\n" not in s for s in sentences)
+
+
+def test_fitting_sets_are_balanced():
+    assert len(lines("toxic")) == len(lines("nontoxic")) == 64
+    assert {len(lines(name)) for name in (*CONCEPTS, "generic")} == {64}
+
+
+@pytest.mark.parametrize("held_out", HELD_OUT)
+def test_held_out_prompts_do_not_overlap_the_fitting_sentences(held_out):
+    fitting = [_words(s) for name in FITTING for s in lines(name)]
+    for prompt in map(_words, lines(held_out)):
+        assert not any(prompt in sentence or sentence in prompt for sentence in fitting), prompt
+
+
+def test_unknown_set_names_the_choices():
+    with pytest.raises(ActError, match="toxic, nontoxic"):
+        lines("jigsaw")
