@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import resource
 import statistics
 import sys
@@ -17,10 +16,9 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
-# glibc returning large blocks to the OS makes allocation-heavy timings swing between runs.
-_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-if any(os.environ.get(k) != v for k, v in _MALLOC.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
+from timing import paired_ratio, pin_malloc
+
+pin_malloc()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,20 +36,6 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.proj(self.norm(x))
-
-
-def paired_ratio(plain: Callable[[], object], other: Callable[[], object], pairs: int) -> float:
-    """Median of other/plain over alternating timed pairs (after one warm-up each)."""
-    plain(), other()
-    ratios = []
-    for _ in range(pairs):
-        start = time.perf_counter()
-        plain()
-        middle = time.perf_counter()
-        other()
-        end = time.perf_counter()
-        ratios.append((end - middle) / (middle - start))
-    return statistics.median(ratios)
 
 
 def bench_fit(modules: int, units: int, samples: int) -> None:

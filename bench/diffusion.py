@@ -18,10 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# glibc returning large blocks to the OS makes allocation-heavy timings swing between runs.
-_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-if any(os.environ.get(k) != v for k, v in _MALLOC.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
+from timing import paired_ratio, pin_malloc
+
+pin_malloc()
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/: the offline tokenizer
@@ -104,19 +103,6 @@ def build(quick: bool):
     for component in (vae, unet, pipe.text_encoder):
         component.eval()
     return pipe
-
-
-def paired_ratio(plain: Callable[[], object], other: Callable[[], object], pairs: int) -> float:
-    """Median of other/plain over alternating timed pairs (after one warm-up each)."""
-    plain(), other()
-    ratios = []
-    for _ in range(pairs):
-        start = time.perf_counter()
-        plain()
-        middle = time.perf_counter()
-        other()
-        ratios.append((time.perf_counter() - middle) / (middle - start))
-    return statistics.median(ratios)
 
 
 def hook_work(pipe, transport, step: Callable[[], None], repeats: int = 5) -> float:
