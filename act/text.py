@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -157,7 +157,7 @@ def collect_text(
     support: str = "range",
     batch_size: int = 16,
     max_length: int = DEFAULT_MAX_LENGTH,
-    progress: bool = True,
+    progress: bool | Callable[[int, int], None] = True,
     info: dict | None = None,
 ) -> Samples:
     """Pooled samples of the source and target sentences at the selected layers.
@@ -171,7 +171,8 @@ def collect_text(
         causal: estimate module after module on the previous maps' outputs (paper §3.2);
             `method` and `support` are then used while collecting.
         batch_size / max_length: sentences per forward pass, tokens kept per sentence.
-        progress: show a progress bar (batches, or modules fitted when causal).
+        progress: show a progress bar (batches, or modules fitted when causal), or a
+            function called as `progress(done, total)` instead (it may raise to cancel).
         info: free-form fields stored in the transport fitted from the samples.
     """
     for side, texts in (("source", source), ("target", target)):
@@ -183,6 +184,15 @@ def collect_text(
     batches = sentence_batches(
         model, tokenizer, source, target, batch_size=batch_size, max_length=max_length
     )
+    counts = {"source_sentences": len(source), "target_sentences": len(target)}
+    options = {
+        "causal": causal,
+        "method": method,
+        "support": support,
+        "info": {**counts, **(info or {})},
+    }
+    if callable(progress):
+        return collect(model, sites, batches, progress=progress, **options)
     with tqdm(
         total=len(sites) if causal else len(batches),
         desc="fitting modules causally" if causal else "collecting activations",
@@ -191,14 +201,7 @@ def collect_text(
         leave=False,
     ) as bar:
         return collect(
-            model,
-            sites,
-            batches,
-            causal=causal,
-            method=method,
-            support=support,
-            progress=lambda done, total: bar.update(done - bar.n),
-            info={"source_sentences": len(source), "target_sentences": len(target), **(info or {})},
+            model, sites, batches, progress=lambda done, total: bar.update(done - bar.n), **options
         )
 
 

@@ -76,8 +76,8 @@ class CollectActivations(io.ComfyNode):
                     default=0,
                     min=0,
                     max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=True,
-                    tooltip="Noise seed; source and target prompts at the same position share noise.",
+                    control_after_generate=io.ControlAfterGenerate.fixed,
+                    tooltip="Noise seed; source and target prompts at the same position share noise. Kept fixed, so collection runs once.",
                 ),
                 io.Int.Input(
                     "width", default=512, min=64, max=4096, step=8, tooltip="Collection resolution."

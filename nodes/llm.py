@@ -7,6 +7,7 @@ from collections import OrderedDict
 from typing import Any
 
 import comfy.model_management
+import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
@@ -22,7 +23,8 @@ LLM_FOLDER = "LLM"
 BUILTIN_CHOICE = "smollm2 (built-in)"
 DETOXIFY = "detoxify (built-in sentences)"
 CUSTOM = "custom sentences"
-GOALS = [DETOXIFY, *(f"concept: {name} (built-in sentences)" for name in CONCEPTS), CUSTOM]
+CONCEPT_GOALS = [f"concept: {name} (built-in sentences)" for name in CONCEPTS]
+GOALS = [DETOXIFY, *CONCEPT_GOALS, CUSTOM]
 
 _models: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
 _transports: OrderedDict[tuple, Any] = OrderedDict()
@@ -75,6 +77,19 @@ def sentence_sets(goal: str, source: str, target: str) -> tuple[list[str], list[
     )
 
 
+def _comfy_progress():
+    """A progress callback that moves ComfyUI's bar and honours Cancel."""
+    bar = None
+
+    def report(done: int, total: int) -> None:
+        nonlocal bar
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar = bar or comfy.utils.ProgressBar(total)
+        bar.update_absolute(done, total)
+
+    return report
+
+
 def _cached(cache: OrderedDict, key: Any, size: int, make: Any) -> Any:
     if key in cache:
         cache.move_to_end(key)
@@ -108,14 +123,14 @@ class LLMGenerate(io.ComfyNode):
                 io.String.Input(
                     "prompt",
                     multiline=True,
-                    default="Write a short note to my neighbour about the noise.",
-                    tooltip="What the model answers or continues.",
+                    default="Describe your favourite place.",
+                    tooltip="What the model answers (chat on) or continues (chat off). Detoxification shows on rude sentence starts with chat off: the model politely refuses rude requests anyway.",
                 ),
                 io.Combo.Input(
                     "goal",
                     options=GOALS,
-                    default=DETOXIFY,
-                    tooltip="What to fit when no transport is connected: detoxify, a built-in concept, or your own sentences.",
+                    default=CONCEPT_GOALS[0],
+                    tooltip="What to fit when no transport is connected: detoxify, a built-in concept, or your own sentences (ignored when a transport is connected).",
                 ),
                 io.Float.Input(
                     "strength",
@@ -137,7 +152,7 @@ class LLMGenerate(io.ComfyNode):
                     default=0,
                     min=0,
                     max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=True,
+                    control_after_generate=io.ControlAfterGenerate.fixed,
                     tooltip="Sampling seed (with temperature above 0).",
                 ),
                 io.Float.Input(
@@ -151,7 +166,7 @@ class LLMGenerate(io.ComfyNode):
                 io.Boolean.Input(
                     "chat",
                     default=True,
-                    tooltip="Wrap the prompt in the model's chat template (as a user message); off continues the text.",
+                    tooltip="Wrap the prompt in the model's chat template (as a user message); off continues the text (the output then starts with the prompt).",
                 ),
                 Transport.Input(
                     "transport",
@@ -174,9 +189,16 @@ class LLMGenerate(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.String.Output(display_name="text"),
-                Transport.Output(display_name="transport"),
+                io.String.Output(
+                    display_name="text",
+                    tooltip="The answer, or the prompt and its continuation; connect Preview as Text to read it.",
+                ),
+                Transport.Output(
+                    display_name="transport",
+                    tooltip="The transport used (save it with Save Transport).",
+                ),
             ],
+            is_output_node=True,
         )
 
     @classmethod
@@ -208,8 +230,11 @@ class LLMGenerate(io.ComfyNode):
                 _transports,
                 key,
                 8,
-                lambda: fit_text(language_model, tokenizer, source, target, support=support),
-            )
+                lambda: fit_text(
+                    language_model, tokenizer, source, target,
+                    support=support, progress=_comfy_progress(),
+                ),
+            )  # fmt: skip
         sampling = Sampling(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -220,6 +245,8 @@ class LLMGenerate(io.ComfyNode):
         )
         with steer(language_model, transport, strength):
             (text,) = generate(language_model, tokenizer, [prompt], sampling)
+        if not chat:
+            text = prompt + text
         return io.NodeOutput(text, transport, ui=ui.PreviewText(text))
 
 

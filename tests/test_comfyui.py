@@ -365,7 +365,8 @@ def test_llm_node_steers_a_local_model_and_rejects_foreign_transports(pack):
     act = importlib.import_module(f"{PACK}.act")
     model, tokenizer = act.load_causal_lm(llm.model_path("tiny-llama"))
     sampling = act.Sampling(max_new_tokens=8, repetition_penalty=1.2)
-    assert plain_text == act.generate(model, tokenizer, ["The sea is"], sampling)[0]
+    continuation = act.generate(model, tokenizer, ["The sea is"], sampling)[0]
+    assert plain_text == "The sea is" + continuation  # chat off: the prompt and its continuation
     assert transport.sites and all("self_attn.o_proj" in site for site in transport.sites)
     output = run(strength=1.0)
     assert output.result[1] is transport  # fitted once, reused when only the strength changes

@@ -149,7 +149,7 @@ def test_object_info_inputs_types_and_defaults(object_info):
                 assert options.get("default") == default, (node, name)
     collect = object_info["AcTCollectActivations"]
     assert set(collect["input"]["optional"]) >= {"model", "clip", "layer_regex"}
-    assert _input(collect, "seed")[1]["control_after_generate"] is True
+    assert _input(collect, "seed")[1]["control_after_generate"] == "fixed"  # collect once
     assert _input(collect, "source_prompts")[1]["multiline"] is True
     assert set(_input(object_info["AcTFitTransport"], "method")[1]["options"]) >= {
         "linear",

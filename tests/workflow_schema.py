@@ -18,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 SNAPSHOT = ROOT / "tests" / "data" / "object_info.json"
 UI_ONLY = {"Note", "MarkdownNote"}  # front-end nodes: never sent to the server
-# combos whose options are the files on the user's disk: any name is accepted here
-FILE_COMBOS = {("CheckpointLoaderSimple", "ckpt_name"), ("AcTLoadTransport", "transport_name")}
+# combos whose options are the files on the user's disk: any name is accepted here (AcT LLM
+# Generate's model also always offers its built-in model: BUILT_IN_CHOICES)
+FILE_COMBOS = {
+    ("CheckpointLoaderSimple", "ckpt_name"),
+    ("AcTLoadTransport", "transport_name"),
+    ("AcTLLMGenerate", "model"),
+}
+BUILT_IN_CHOICES = {("AcTLLMGenerate", "model"): {"smollm2 (built-in)"}}  # never a file
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 AUTOGROW = "COMFY_AUTOGROW_V3"
 CONTROL_MODES = {"fixed", "increment", "decrement", "randomize"}
@@ -56,15 +62,18 @@ def node_types(workflow: dict[str, Any]) -> set[str]:
 
 
 def normalized_entry(node_type: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """An /object_info entry without what depends on the server's disk (file combos' options)."""
+    """An /object_info entry without what depends on the server's disk: file combos keep only
+    their built-in choices."""
     entry = json.loads(json.dumps(entry))
     for section in ("required", "optional"):
         for name, spec in entry["input"].get(section, {}).items():
             if (node_type, name) in FILE_COMBOS:
+                built_in = BUILT_IN_CHOICES.get((node_type, name), set())
                 if isinstance(spec[0], list):
-                    spec[0] = []
+                    spec[0] = [choice for choice in spec[0] if choice in built_in]
                 else:
-                    spec[1]["options"] = []
+                    options = spec[1]["options"]
+                    spec[1]["options"] = [choice for choice in options if choice in built_in]
     return entry
 
 
