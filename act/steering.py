@@ -41,11 +41,11 @@ def transport_in_place(tensor: torch.Tensor, coefficients: Coefficients) -> None
         return
     work = tensor if tensor.dtype == torch.float32 else tensor.float()
     if coefficients.bounded:
-        delta = torch.addcmul(shift, work, coefficients.scale_minus_one)
-        above = torch.gt(work, coefficients.lo, out=torch.empty_like(work))
-        below = torch.lt(work, coefficients.hi, out=torch.empty_like(work))
-        delta.mul_(above)
-        work.addcmul_(delta, below)
+        inside = torch.gt(work, coefficients.lo, out=torch.empty_like(work))
+        buffer = torch.lt(work, coefficients.hi, out=torch.empty_like(work))
+        inside.mul_(buffer)
+        delta = torch.addcmul(shift, work, coefficients.scale_minus_one, out=buffer)
+        work.addcmul_(delta, inside)
     else:
         torch.addcmul(shift, work, scale, out=work)
     if work is not tensor:
