@@ -109,6 +109,7 @@ def collect_pipeline(
             `text-encoder-norms` for the components `where` names.
         at_steps: denoising steps to record, counted from the first denoiser call (0: the
             highest noise). They depend on `num_inference_steps`: pass the one you sample with.
+            With several steps, each text-encoder sample is repeated once per step.
         batch_size: prompts per pipeline call. Batch i of each side uses seed `seed + i`.
         causal / method / support / max_live_batches: causal estimation, as in
             `act.collect`; one step only.
@@ -164,9 +165,28 @@ def collect_pipeline(
             info=info,
         )
     samples.model_class = type(pipe).__name__
+    if len(steps) > 1:
+        _one_sample_per_step(samples, collector.denoiser)
     if samples.fitted is not None:
         samples.fitted.model_class = samples.model_class
     return samples
+
+
+def _one_sample_per_step(samples: Samples, denoiser: str) -> None:
+    """Repeat each text-encoder sample once per recorded denoising step, so that every module
+    has one sample per (prompt, step): the fit needs equal counts, and a repeated sample leaves
+    a module's empirical distribution, hence its map, unchanged.
+
+    **Mutates** `samples` (its text-encoder entries)."""
+    prefix = f"{denoiser}."
+    for side in (samples.source, samples.target):
+        denoiser_counts = {len(v) for site, v in side.items() if site.startswith(prefix)}
+        if len(denoiser_counts) != 1:
+            return
+        (count,) = denoiser_counts
+        for site, values in side.items():
+            if not site.startswith(prefix):
+                side[site] = values.repeat_interleave(count // len(values), dim=0)
 
 
 def fit_pipeline(

@@ -89,6 +89,20 @@ def test_at_steps_records_later_denoising_steps(sd):
         collect_pipeline(sd, SOURCE, TARGET, layers=[GROUP_NORM], at_steps=(5,), **options(sd))
 
 
+def test_several_steps_with_text_encoders_fit_one_sample_per_prompt_and_step(sd):
+    layers = [GROUP_NORM, "text_encoder.final_layer_norm"]
+    kwargs = dict(where="both", layers=layers, support="all", **options(sd, num_inference_steps=3))
+    one_step = fit_pipeline(sd, SOURCE, TARGET, **kwargs)
+    samples = collect_pipeline(sd, SOURCE, TARGET, at_steps=(0, 2), **kwargs)
+    assert [len(samples.source[site]) for site in layers] == [2 * len(SOURCE)] * 2
+    assert [len(samples.target[site]) for site in layers] == [2 * len(TARGET)] * 2
+    two_steps = samples.fit("linear", "all")
+    encoder = one_step.maps[layers[1]]
+    torch.testing.assert_close(two_steps.maps[layers[1]].omega, encoder.omega)
+    torch.testing.assert_close(two_steps.maps[layers[1]].beta, encoder.beta)
+    assert not torch.equal(two_steps.maps[GROUP_NORM].beta, one_step.maps[GROUP_NORM].beta)
+
+
 def test_text_encoders_pool_real_tokens_of_the_positive_prompt_only(sdxl):
     calls = {"unet": 0, "text_encoder": 0, "text_encoder_2": 0}
     handles = [
