@@ -75,14 +75,14 @@ def test_trained_model_draws_what_its_captions_say(pipe):
     records, prompts = map(list, zip(*heldout(24), strict=True))
     report = score(generate(pipe, prompts), records)
     print(report)
-    assert report["match"] >= 0.3, report  # 49% on 300 held-out captions (README)
-    assert min(report["objects found"].values()) >= 0.4, report
+    assert report["match"] >= 0.6, report  # 80% on 300 held-out captions (README)
+    assert min(report["objects found"].values()) >= 0.7, report
 
 
-def _fit(pipe, source, target, support):
+def _fit(pipe, source, target, support, causal=False):
     return act.fit_pipeline(
-        pipe, source, target, where="both", support=support, batch_size=64, progress=False,
-        guidance_scale=steering.GUIDANCE, num_inference_steps=steering.STEPS,
+        pipe, source, target, where="both", support=support, causal=causal, batch_size=64,
+        progress=False, guidance_scale=steering.GUIDANCE, num_inference_steps=steering.STEPS,
     )  # fmt: skip
 
 
@@ -90,7 +90,7 @@ def test_style_transport_turns_objects_red(pipe):
     source, target = steering.style_fit_prompts(128)
     held_out = steering.style_eval_prompts(24, exclude={*source, *target})
     prompts = [prompt for _, prompt in held_out]
-    transport = _fit(pipe, source, target, "all")
+    transport = _fit(pipe, source, target, "all", causal=True)  # the strongest (README)
     plain = generate(pipe, prompts)
     with act.steer(pipe, transport, strength=0.0):
         assert np.array_equal(generate(pipe, prompts), plain)
@@ -99,19 +99,19 @@ def test_style_transport_turns_objects_red(pipe):
     assert np.array_equal(generate(pipe, prompts), plain)  # nothing left patched
     before, after = colour_share(plain, "red"), colour_share(steered, "red")
     print(before, after)
-    assert before <= 0.1 and after >= before + 0.2, (before, after)
+    assert before <= 0.1 and after >= before + 0.3, (before, after)
 
 
 def test_negation_transport_removes_triangles(pipe):
     source, target = steering.negation_fit_prompts(128)
     held_out = steering.negation_eval_prompts(24, exclude={*source, *target})
     records, prompts = map(list, zip(*held_out, strict=True))
-    transport = _fit(pipe, source, target, "range")
+    transport = _fit(pipe, source, target, "all")  # the strongest (README)
     before = steering.negation_scores(generate(pipe, prompts), records)
     with act.steer(pipe, transport, strength=1.0):
         after = steering.negation_scores(generate(pipe, prompts), records)
     print(before, after)
-    assert before["present"] >= 0.5 and after["present"] <= before["present"] - 0.15, (
+    assert before["present"] >= 0.7 and after["present"] <= before["present"] - 0.4, (
         before,
         after,
     )

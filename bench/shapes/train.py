@@ -6,7 +6,8 @@ Run from the repository root (the machine is shared: be nice):
 
 Stages: render the training scenes (fixed by --seed), train the VAE, encode the scenes to
 latents, train the text encoder and UNet together on the noise-prediction loss (min-SNR
-weighted, captions dropped 10% of the time for classifier-free guidance, EMA weights),
+weighted, captions dropped 10% of the time for classifier-free guidance, EMA weights; two
+learning-rate cycles),
 fine-tune the VAE decoder alone on those latents, then save the pipeline with
 `save_pretrained`. Every batch is a pure function of (seed, step), so a run stopped and
 resumed from --work-dir (rerun the same command) trains the same model.
@@ -64,6 +65,8 @@ class Settings:
     batch: int = 64
     lr: float = 1e-3
     ema_decay: float = 0.999
+    extra_steps: int = 4000
+    extra_lr: float = 3e-4
     decoder_steps: int = 2000
     decoder_lr: float = 5e-4
 
@@ -120,8 +123,9 @@ def encode(vae, images: torch.Tensor, work_dir: Path) -> tuple[torch.Tensor, tor
 def train_diffusion(
     latent_mean: torch.Tensor, latent_std: torch.Tensor, settings: Settings, work_dir: Path
 ):
-    """Text encoder and UNet, jointly, on min-SNR-weighted noise prediction; returns their EMA
-    copies, the latent scaling factor and the training seconds."""
+    """Text encoder and UNet, jointly, on min-SNR-weighted noise prediction: `steps` on one
+    learning-rate cycle, then `extra_steps` on a second (a warm restart at `extra_lr`; the EMA
+    carries on). Returns the EMA copies, the latent scaling factor and the training seconds."""
     records = sample_records(settings.scenes, settings.seed)
     tokenizer = build_tokenizer()
     torch.manual_seed(settings.seed)
@@ -158,15 +162,26 @@ def train_diffusion(
     def update_ema() -> None:
         torch._foreach_lerp_(ema_parameters, live_parameters, 1 - settings.ema_decay)
 
+    modules = live | {f"ema_{key}": module for key, module in ema.items()}
     seconds = optimise(
         "diffusion",
         work_dir / "diffusion.pt",
-        live | {f"ema_{key}": module for key, module in ema.items()},
+        modules,
         settings.lr,
         settings.steps,
         loss_at,
         after_step=update_ema,
     )
+    if settings.extra_steps:  # a warm restart: fresh optimiser and schedule, new batches
+        seconds += optimise(
+            "diffusion, second cycle",
+            work_dir / "diffusion-2.pt",
+            modules,
+            settings.extra_lr,
+            settings.extra_steps,
+            lambda step: loss_at(settings.steps + step),
+            after_step=update_ema,
+        )
     return ema["text_encoder"], ema["unet"], scale, seconds
 
 
