@@ -7,9 +7,8 @@ Run from the repository root (the machine is shared: be nice):
 Stages: render the training scenes (fixed by --seed), train the VAE, encode the scenes to
 latents, train the text encoder and UNet together on the noise-prediction loss (min-SNR
 weighted, captions dropped 10% of the time for classifier-free guidance, EMA weights; two
-learning-rate cycles),
-fine-tune the VAE decoder alone on those latents, then save the pipeline with
-`save_pretrained`. Every batch is a pure function of (seed, step), so a run stopped and
+learning-rate cycles), fine-tune the VAE decoder alone on those latents, then save the pipeline
+with `save_pretrained`. Every batch is a pure function of (seed, step), so a run stopped and
 resumed from --work-dir (rerun the same command) trains the same model.
 """
 
