@@ -1,5 +1,5 @@
-"""`python -m act`: see `act.cli`."""
+"""`python -m act`: see `act.text.cli`."""
 
-from .cli import main
+from .text.cli import main
 
 raise SystemExit(main())

@@ -31,10 +31,10 @@ from .hooks import (
     replace_output,
     resolve_module,
 )
+from .maps import ModuleMap
 from .recording import pooled_sample
 from .samples import Batch
 from .steering import transport_in_place, transported
-from .transport import ModuleMap
 
 Progress = Callable[[int, int], None]
 

@@ -9,11 +9,11 @@ from torch import nn
 
 from .causal import _CausalFitter, collect_lockstep, collect_truncated
 from .errors import ActError
-from .fitting import Support
 from .hooks import module_fingerprint
+from .maps import METHODS, Support
 from .recording import Recorder
 from .samples import Batch, Samples
-from .transport import METHODS, Transport
+from .transport import Transport
 
 
 def collect(

@@ -13,50 +13,17 @@ statistics; with equal counts this is exactly "sort both and pair them".
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .errors import ActError
-from .transport import METHODS, ModuleMap, Transport
+from .hooks import module_fingerprint
+from .maps import METHODS, ModuleMap, Support
+from .transport import Transport
 
 ArrayLike = torch.Tensor | np.ndarray
-_QUANTILE_SUPPORT = re.compile(r"q(\d+(?:\.\d+)?)")
-
-
-@dataclass(frozen=True)
-class Support:
-    """Where a map applies: between the `level` and `1 - level` quantiles of the samples.
-
-    level 0 is the sample range [min, max]; `None` means unbounded (transport everywhere).
-    """
-
-    level: float | None
-
-    @classmethod
-    def parse(cls, support: str) -> Support:
-        """Parse "range", "all" or "qNN" (central quantile range [NN%, 100-NN%], 0 < NN < 50)."""
-        if support == "range":
-            return cls(0.0)
-        if support == "all":
-            return cls(None)
-        match = _QUANTILE_SUPPORT.fullmatch(support) if isinstance(support, str) else None
-        if match and 0 < float(match.group(1)) < 50:
-            return cls(float(match.group(1)) / 100)
-        raise ActError(
-            f"unknown support {support!r}; use 'range' (source min..max), 'all' (no bound) "
-            "or 'qNN' for the central quantile range [NN%, 100-NN%], e.g. 'q01' or 'q05'"
-        )
-
-    def bounds(self, sorted_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Lower and upper bound per row of an array whose rows are sorted ascending."""
-        units = sorted_rows.shape[0]
-        if self.level is None:
-            return np.full(units, -np.inf), np.full(units, np.inf)
-        return _row_quantile(sorted_rows, self.level), _row_quantile(sorted_rows, 1 - self.level)
 
 
 def fit_transport(
@@ -116,8 +83,6 @@ def fit_transport(
     (source_count, target_count) = counts.pop()
     transport = Transport(maps, method, support, source_count, target_count)
     if model is not None:
-        from .hooks import module_fingerprint
-
         transport.model_class = type(model).__name__
         transport.module_params = module_fingerprint(model, list(maps))
     return transport
@@ -197,16 +162,6 @@ def _quantile_grid(sorted_rows: np.ndarray, n: int) -> np.ndarray:
     weight = position - lower
     rows = sorted_rows.astype(np.float64)
     return rows[:, lower] * (1 - weight) + rows[:, upper] * weight
-
-
-def _row_quantile(sorted_rows: np.ndarray, level: float) -> np.ndarray:
-    """Quantile at `level` of each sorted row, interpolating linearly (numpy's default rule)."""
-    position = level * (sorted_rows.shape[1] - 1)
-    lower = int(np.floor(position))
-    upper = min(lower + 1, sorted_rows.shape[1] - 1)
-    weight = position - lower
-    low = sorted_rows[:, lower].astype(np.float64)
-    return low + weight * (sorted_rows[:, upper].astype(np.float64) - low)
 
 
 def _unit_rows(samples: ArrayLike, site: str, side: str) -> np.ndarray:

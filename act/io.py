@@ -1,5 +1,9 @@
 """Transport files: safetensors tensors plus a JSON header, validated on load.
 
+This module owns the layout of the bytes: it writes and reads per-site `ModuleMap`s and the
+header fields of a transport (the keyword arguments of `act.Transport` besides its maps),
+and knows nothing of the `Transport` class, which calls it (`Transport.save` / `.load`).
+
 Layout: for every site, six float32 tensors of shape (units,) named `<site>/omega`,
 `<site>/beta`, `<site>/source_lo`, `<site>/source_hi`, `<site>/target_lo`,
 `<site>/target_hi`; the safetensors metadata entry "act" holds the JSON header (format and
@@ -14,6 +18,7 @@ import math
 import os
 import struct
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,31 +27,37 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from .errors import ActError, TransportFileError
-from .fitting import Support
-from .transport import METHODS, ModuleMap, Transport
+from .maps import METHODS, ModuleMap, Support
 
 FORMAT = "act-transport"
 FORMAT_VERSION = 1
 FIELDS = ("omega", "beta", "source_lo", "source_hi", "target_lo", "target_hi")
 
 
-def transport_to_bytes(transport: Transport) -> bytes:
-    """Serialise a transport to the bytes of a safetensors file."""
+def transport_to_bytes(maps: Mapping[str, ModuleMap], fields: Mapping[str, Any]) -> bytes:
+    """Serialise maps and header fields to the bytes of a safetensors file.
+
+    Args:
+        maps: site -> map, in application order.
+        fields: `method`, `support`, `source_samples`, `target_samples`, `model_class`,
+            `module_params`, `causal`, `default_strength` and `info`, as `act.Transport` has them.
+    """
+    params = fields["module_params"]
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "method": transport.method,
-        "support": transport.support,
+        "method": fields["method"],
+        "support": fields["support"],
         "modules": [
-            {"site": site, "units": m.units, "params": transport.module_params.get(site, {})}
-            for site, m in transport.maps.items()
+            {"site": site, "units": m.units, "params": params.get(site, {})}
+            for site, m in maps.items()
         ],
-        "model_class": transport.model_class,
-        "source_samples": transport.source_samples,
-        "target_samples": transport.target_samples,
-        "causal": transport.causal,
-        "default_strength": transport.default_strength,
-        "info": transport.info,
+        "model_class": fields["model_class"],
+        "source_samples": fields["source_samples"],
+        "target_samples": fields["target_samples"],
+        "causal": fields["causal"],
+        "default_strength": fields["default_strength"],
+        "info": fields["info"],
     }
     try:
         text = json.dumps(header, allow_nan=False)
@@ -54,16 +65,15 @@ def transport_to_bytes(transport: Transport) -> bytes:
         raise ActError(f"transport info must be JSON-serialisable: {error}") from None
     tensors = {
         f"{site}/{name}": getattr(m, name).detach().to("cpu", torch.float32).contiguous()
-        for site, m in transport.maps.items()
+        for site, m in maps.items()
         for name in FIELDS
     }
     return save_tensors(tensors, metadata={"act": text})
 
 
-def save_transport(transport: Transport, path: str | os.PathLike) -> None:
-    """Write a transport file atomically (a partial file never replaces a good one)."""
+def write_file(path: str | os.PathLike, data: bytes) -> None:
+    """Write a transport file's bytes atomically (a partial file never replaces a good one)."""
     path = Path(path)
-    data = transport_to_bytes(transport)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -75,24 +85,34 @@ def save_transport(transport: Transport, path: str | os.PathLike) -> None:
         raise
 
 
-def load_transport(path: str | os.PathLike) -> Transport:
-    """Read and validate a transport file.
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a transport file.
 
     Raises:
-        TransportFileError: the file is missing, truncated, malformed or inconsistent.
+        TransportFileError: the file cannot be read.
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as error:
         raise TransportFileError(
             f"cannot read transport file {str(path)!r}: {error.strerror}"
         ) from None
-    return transport_from_bytes(data, str(path))
 
 
-def transport_from_bytes(data: bytes, name: str = "<bytes>") -> Transport:
-    """Parse and validate the bytes of a transport file (see `load_transport`)."""
+def transport_from_bytes(
+    data: bytes, name: str = "<bytes>"
+) -> tuple[dict[str, ModuleMap], dict[str, Any]]:
+    """Parse and validate the bytes of a transport file.
+
+    Returns:
+        The maps (site -> map, in application order) and the header fields, the keyword
+        arguments of `act.Transport` besides its maps.
+
+    Raises:
+        TransportFileError: the bytes are truncated, malformed or inconsistent (`name`, e.g.
+            the file's path, is named in the message).
+    """
     header = _read_header(data, name)
     try:
         tensors = load_tensors(data)
@@ -129,7 +149,9 @@ def _read_header(data: bytes, name: str) -> dict[str, Any]:
     return header
 
 
-def _build(header: dict[str, Any], tensors: dict[str, torch.Tensor], name: str) -> Transport:
+def _build(
+    header: dict[str, Any], tensors: dict[str, torch.Tensor], name: str
+) -> tuple[dict[str, ModuleMap], dict[str, Any]]:
     def fail(problem: str) -> TransportFileError:
         return TransportFileError(f"{name}: {problem}")
 
@@ -166,18 +188,18 @@ def _build(header: dict[str, Any], tensors: dict[str, torch.Tensor], name: str) 
     model_class = header.get("model_class")
     if not isinstance(info, dict) or not isinstance(model_class, str | None):
         raise fail("invalid info or model_class field")
-    return Transport(
-        maps,
-        method,
-        support,
-        counts[0],
-        counts[1],
-        model_class=model_class,
-        module_params=params,
-        causal=bool(header.get("causal", False)),
-        default_strength=float(strength),
-        info=info,
-    )
+    fields = {
+        "method": method,
+        "support": support,
+        "source_samples": counts[0],
+        "target_samples": counts[1],
+        "model_class": model_class,
+        "module_params": params,
+        "causal": bool(header.get("causal", False)),
+        "default_strength": float(strength),
+        "info": info,
+    }
+    return maps, fields
 
 
 def _module_entry(entry: Any, fail) -> tuple[str, int]:

@@ -52,6 +52,11 @@ def norm_sites(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if name and is_norm(module)]
 
 
+def layer_norm_sites(model: nn.Module) -> list[str]:
+    """Every `nn.LayerNorm` (affine per-unit layers: the sites whose maps fold into weights)."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)]
+
+
 register_preset(
     "norms", "every normalization layer (LayerNorm, GroupNorm, RMSNorm, ...)", norm_sites
 )

@@ -24,7 +24,8 @@ from .hooks import (
     replace_output,
     resolve_module,
 )
-from .transport import Coefficients, ModuleMap, Transport
+from .maps import Coefficients, ModuleMap
+from .transport import Transport
 
 RowSelector = Callable[[int], Sequence[slice] | None]
 

@@ -1,108 +1,22 @@
-"""The transport: per-unit affine maps T(a) = omega * a + beta for a set of module outputs.
+"""The transport: the per-unit maps of a set of module outputs, plus the metadata its file
+carries.
 
-A `Transport` is pure data (float32 tensors plus metadata). Fitting lives in `act.fitting`,
-files in `act.io`, and applying it to a model in `act.steering` / `act.baking`.
+A `Transport` is data (float32 `ModuleMap`s, see `act.maps`) with its file methods; the file
+layout is `act.io`'s, which knows maps and header fields but not this class. Fitting lives in
+`act.fitting`, applying it to a model in `act.steering` / `act.baking`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import ActError
-
-METHODS = ("linear", "mean", "gaussian")
-
-
-@dataclass(frozen=True)
-class Coefficients:
-    """`a -> scale * a + shift` where `lo < a < hi`; float32 tensors of shape (D,).
-
-    `scale_minus_one` (so that `T_s(a) - a = (scale - 1) * a + shift`) and `bounded` (whether
-    any unit has a finite bound, so a comparison is needed) are derived once.
-    """
-
-    scale: torch.Tensor
-    shift: torch.Tensor
-    lo: torch.Tensor
-    hi: torch.Tensor
-    scale_minus_one: torch.Tensor = field(init=False, repr=False)
-    bounded: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "scale_minus_one", self.scale - 1)
-        finite = torch.isfinite(self.lo).any() | torch.isfinite(self.hi).any()
-        object.__setattr__(self, "bounded", bool(finite))
-
-    def to(self, device: torch.device | str) -> Coefficients:
-        """The same coefficients on another device."""
-        return Coefficients(*(t.to(device) for t in (self.scale, self.shift, self.lo, self.hi)))
-
-
-@dataclass(frozen=True)
-class ModuleMap:
-    """Per-unit map of one module output: `T(a) = omega * a + beta`.
-
-    `source_lo`/`source_hi` bound where the forward map applies (the support, taken from the
-    source samples); `target_lo`/`target_hi` bound where the inverse map applies. Unbounded
-    supports hold -inf/+inf. All tensors are float32 of shape (units,).
-    """
-
-    omega: torch.Tensor
-    beta: torch.Tensor
-    source_lo: torch.Tensor
-    source_hi: torch.Tensor
-    target_lo: torch.Tensor
-    target_hi: torch.Tensor
-
-    def __post_init__(self) -> None:
-        shape = self.omega.shape
-        for name in ("beta", "source_lo", "source_hi", "target_lo", "target_hi"):
-            tensor = getattr(self, name)
-            if tensor.shape != shape or tensor.ndim != 1:
-                raise ActError(
-                    f"ModuleMap.{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
-                )
-
-    @property
-    def units(self) -> int:
-        """Number of units (the width D of the module output)."""
-        return self.omega.shape[0]
-
-    def coefficients(self, strength: float) -> Coefficients:
-        """Affine coefficients of the map at a given strength, computed in float64.
-
-        strength >= 0: `T_s(a) = a + s(T(a) - a)` on the source support.
-        strength < 0: the inverse map `(a - beta) / omega` interpolated with |s| on the target
-        support. Units with omega == 0 have no inverse and are left unchanged.
-        """
-        omega = self.omega.double()
-        beta = self.beta.double()
-        if strength >= 0:
-            scale = 1 + strength * (omega - 1)
-            shift = strength * beta
-            lo, hi = self.source_lo, self.source_hi
-        else:
-            amount = -strength
-            invertible = omega != 0
-            safe_omega = torch.where(invertible, omega, torch.ones_like(omega))
-            inverse_scale = torch.where(invertible, 1 / safe_omega, torch.ones_like(omega))
-            inverse_shift = torch.where(invertible, -beta / safe_omega, torch.zeros_like(beta))
-            scale = 1 + amount * (inverse_scale - 1)
-            shift = amount * inverse_shift
-            lo, hi = self.target_lo, self.target_hi
-        return Coefficients(scale.float(), shift.float(), lo.clone(), hi.clone())
-
-    def apply(self, values: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        """Reference (out-of-place) application to values of shape (..., units)."""
-        c = self.coefficients(strength).to(values.device)
-        moved = (values.float() * c.scale + c.shift).to(values.dtype)
-        inside = (values > c.lo) & (values < c.hi)
-        return torch.where(inside, moved, values)
+from .io import read_file, transport_from_bytes, transport_to_bytes, write_file
+from .maps import METHODS, ModuleMap
 
 
 @dataclass
@@ -210,15 +124,32 @@ class Transport:
         }
         return replace(self, maps=maps, module_params=params)
 
-    def save(self, path: str | Path) -> None:
-        """Write the transport as a safetensors file with a JSON header."""
-        from .io import save_transport
-
-        save_transport(self, path)
+    def to_bytes(self) -> bytes:
+        """The bytes of the transport's safetensors file (see `act.io`)."""
+        return transport_to_bytes(self.maps, self._header_fields())
 
     @classmethod
-    def load(cls, path: str | Path) -> Transport:
-        """Read and validate a transport file written by `save`."""
-        from .io import load_transport
+    def from_bytes(cls, data: bytes, name: str = "<bytes>") -> Transport:
+        """Parse and validate the bytes of a transport file; `name` appears in errors.
 
-        return load_transport(path)
+        Raises:
+            TransportFileError: the bytes are truncated, malformed or inconsistent.
+        """
+        maps, fields = transport_from_bytes(data, name)
+        return cls(maps, **fields)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the transport as a safetensors file with a JSON header (atomically)."""
+        write_file(path, self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Transport:
+        """Read and validate a transport file written by `save`.
+
+        Raises:
+            TransportFileError: the file is missing, truncated, malformed or inconsistent.
+        """
+        return cls.from_bytes(read_file(path), str(path))
+
+    def _header_fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "maps"}

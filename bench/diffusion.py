@@ -31,9 +31,9 @@ import torch  # noqa: E402
 from diffusion_fixtures import clip_tokenizer  # noqa: E402
 
 from act import Samples, bake  # noqa: E402
-from act.diffusion import collect_pipeline  # noqa: E402
-from act.diffusion_pipeline import pipeline_root  # noqa: E402
-from act.diffusion_steering import steer_pipeline  # noqa: E402
+from act.diffusers.anatomy import pipeline_root  # noqa: E402
+from act.diffusers.collection import collect_pipeline  # noqa: E402
+from act.diffusers.steering import steer_pipeline  # noqa: E402
 from act.steering import transport_in_place  # noqa: E402
 
 SUBJECTS = ["a cat", "a lighthouse", "an old man", "a bowl of fruit", "a city street", "a horse"]

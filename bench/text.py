@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from act.data import CONCEPTS, lines
-from act.generation import Sampling, generate, perplexity
-from act.llm import load_causal_lm
 from act.steering import steer
 from act.text import fit_text
+from act.text.data import CONCEPTS, lines
+from act.text.generation import Sampling, generate, perplexity
+from act.text.models import load_causal_lm
 from act.transport import Transport
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)

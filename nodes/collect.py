@@ -9,7 +9,7 @@ import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..act import collect
-from ..act.transport import METHODS
+from ..act.maps import METHODS
 from .collection import WHERE, collection_batches, collection_root, describe_models
 from .presets import LAYER_CHOICES
 from .prompts import parse_prompts

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from comfy_api.latest import io, ui
 
-from ..act.transport import METHODS
+from ..act.maps import METHODS
 from .collect import SUPPORTS
 from .types import CATEGORY, Samples, Transport
 

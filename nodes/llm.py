@@ -12,10 +12,10 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..act import ActError, steer
-from ..act.data import CONCEPTS, lines
-from ..act.generation import Sampling, generate
-from ..act.llm import BUILTIN, load_causal_lm
 from ..act.text import fit_text
+from ..act.text.data import CONCEPTS, lines
+from ..act.text.generation import Sampling, generate
+from ..act.text.models import BUILTIN, load_causal_lm
 from .prompts import parse_prompts
 from .types import CATEGORY, Transport
 

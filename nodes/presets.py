@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..act import ActError, select_modules
-from ..act.selection import norm_sites
+from ..act.selection import layer_norm_sites, norm_sites
 
 LAYER_CHOICES = ["auto", "all norm layers", "layer norms only", "custom regex"]
 
@@ -31,11 +31,6 @@ def flux_sites(diffusion_model: nn.Module) -> list[str]:
     return [f"double_blocks.{i}:{stream}" for i in range(doubles) for stream in (0, 1)] + [
         f"single_blocks.{i}" for i in range(singles // 2)
     ]
-
-
-def layer_norm_sites(model: nn.Module) -> list[str]:
-    """Every nn.LayerNorm (the sites whose maps can be baked into weights)."""
-    return [name for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)]
 
 
 def resolve_layers(model: nn.Module, layers: str, regex: str) -> list[str]:

@@ -13,8 +13,8 @@ import torch
 
 from ..act import Transport
 from ..act.hooks import check_fingerprint, check_width, group_by_module, pick_output, replace_output
+from ..act.maps import Coefficients, ModuleMap
 from ..act.steering import transported
-from ..act.transport import Coefficients, ModuleMap
 
 PREFIX = "clip"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from text_models import save_tiny_gpt2, save_tiny_llama
 
-from act.cli import main
+from act.text.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ["The shop closes at six.", "She finished reading the novel.", "The bus was late."]
@@ -142,10 +142,12 @@ def test_python_m_act_exits_with_one_line_and_no_traceback(tmp_path):
 
 
 def test_demo_prints_both_tables(files, capsys, monkeypatch):
-    import act.demo
-    from act.llm import load_causal_lm
+    import act.text.demo
+    from act.text.models import load_causal_lm
 
-    monkeypatch.setattr(act.demo, "load_causal_lm", lambda name: load_causal_lm(files["llama"]))
+    monkeypatch.setattr(
+        act.text.demo, "load_causal_lm", lambda name: load_causal_lm(files["llama"])
+    )
     assert main(["demo", "--rows", "2", "--concept", "ocean"]) == 0
     out = capsys.readouterr().out
     assert "| prompt | λ = 0 | toxic words | λ = 1 | toxic words |" in out

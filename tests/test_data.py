@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from act.data import CONCEPTS, NAMES, lines
 from act.errors import ActError
+from act.text.data import CONCEPTS, NAMES, lines
 
 FITTING = ("toxic", "nontoxic", *CONCEPTS, "generic")
 HELD_OUT = ("toxic_prompts", "concept_prompts", "neutral")

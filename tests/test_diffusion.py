@@ -14,9 +14,9 @@ from diffusion_fixtures import (
 )
 
 from act import ActError, Transport
-from act.diffusion import collect_pipeline, fit_pipeline
-from act.diffusion_batches import real_tokens
-from act.diffusion_pipeline import StepClock
+from act.diffusers.anatomy import StepClock
+from act.diffusers.batches import real_tokens
+from act.diffusers.collection import collect_pipeline, fit_pipeline
 
 GROUP_NORM = "unet.mid_block.resnets.1.norm1"  # after cross-attention: (B, C, H, W)
 LAYER_NORM = "unet.down_blocks.0.attentions.0.transformer_blocks.0.norm3"  # (B, HW, C)

@@ -15,8 +15,8 @@ from diffusion_fixtures import (
 
 import act
 from act import ActError, ModelMismatchError, Transport
-from act.diffusion import collect_pipeline, fit_pipeline
-from act.diffusion_steering import PipelineSteering, steer_pipeline
+from act.diffusers.collection import collect_pipeline, fit_pipeline
+from act.diffusers.steering import PipelineSteering, steer_pipeline
 from act.fitting import fit_transport
 
 BUILDERS = {"sd": sd_pipeline, "sdxl": sdxl_pipeline, "flux": flux_pipeline}

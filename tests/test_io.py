@@ -9,7 +9,6 @@ from helpers import Stack, random_map
 from safetensors.torch import save as save_tensors
 
 from act import Transport, TransportFileError, fit_transport, steer
-from act.io import transport_from_bytes, transport_to_bytes
 
 
 def _fitted() -> Transport:
@@ -54,7 +53,7 @@ def _header_and_tensors(data: bytes):
 
 
 def _rewrite(transport: Transport, edit) -> bytes:
-    data = transport_to_bytes(transport)
+    data = transport.to_bytes()
     header = _header_and_tensors(data)
     from safetensors.torch import load
 
@@ -83,18 +82,18 @@ def _rewrite(transport: Transport, edit) -> bytes:
 def test_inconsistent_files_are_rejected(edit, message):
     data = _rewrite(_fitted(), edit)
     with pytest.raises(TransportFileError) as raised:
-        transport_from_bytes(data, "bad.safetensors")
+        Transport.from_bytes(data, "bad.safetensors")
     assert message in str(raised.value) and "bad.safetensors" in str(raised.value)
 
 
 def test_truncated_foreign_and_missing_files_are_rejected(tmp_path):
-    data = transport_to_bytes(_fitted())
+    data = _fitted().to_bytes()
     for cut in (0, 5, 40, len(data) - 10):
         with pytest.raises(TransportFileError, match=r"truncated|not a valid|no AcT header"):
-            transport_from_bytes(data[:cut])
+            Transport.from_bytes(data[:cut])
     foreign = save_tensors({"weight": torch.zeros(3)})
     with pytest.raises(TransportFileError, match="no AcT header"):
-        transport_from_bytes(foreign)
+        Transport.from_bytes(foreign)
     with pytest.raises(TransportFileError, match="cannot read transport file"):
         Transport.load(tmp_path / "missing.safetensors")
 

@@ -10,8 +10,8 @@ import torch
 from text_models import train_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from act import llm
 from act.errors import ActError
+from act.text import models as llm
 
 
 def _tiny_gguf_like_model():

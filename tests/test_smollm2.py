@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from act.data import lines
-from act.generation import Sampling, generate_tokens
-from act.llm import load_causal_lm
 from act.selection import norm_sites, select_modules
 from act.steering import steer
 from act.text import encode, fit_text
+from act.text.data import lines
+from act.text.generation import Sampling, generate_tokens
+from act.text.models import load_causal_lm
 
 PROMPTS = ["Get lost, you miserable", "The best thing about living by the sea is"]
 

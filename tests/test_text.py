@@ -7,12 +7,12 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from act.collection import collect
 from act.errors import ActError
-from act.generation import Sampling, generate, generate_tokens, perplexity, sweep
-from act.llm import load_causal_lm
 from act.recording import record
 from act.selection import select_modules
 from act.steering import steer
-from act.text import collect_text, encode, fit_text, sentence_batches
+from act.text.collection import collect_text, encode, fit_text, sentence_batches
+from act.text.generation import Sampling, generate, generate_tokens, perplexity, sweep
+from act.text.models import load_causal_lm
 
 SOURCE = [
     "The train to the city leaves every twenty minutes.",

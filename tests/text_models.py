@@ -1,7 +1,7 @@
 """Tiny causal LMs for the text tests: random weights, tokenizers trained in-process.
 
 Each builder saves the model and tokenizer with `save_pretrained` into a folder, so tests go
-through the real loader (`act.llm.load_causal_lm`).
+through the real loader (`act.text.models.load_causal_lm`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from act.data import lines
+from act.text.data import lines
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHAT_TEMPLATE = (

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ActError
-from .steering import steer
-from .text import encode
-from .transport import Transport
+from ..errors import ActError
+from ..steering import steer
+from ..transport import Transport
+from .collection import encode
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import ActError
+from ..errors import ActError
 
 USAGE_ERROR = 2
 _THREADS_HELP = "CPU threads for torch; 1 is fastest for small models on shared cores"
@@ -131,9 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def fit_text_command(args: argparse.Namespace) -> None:
     """`fit-text`: read both files, fit, save; prints a summary."""
-    from .fitting import Support
-    from .llm import load_causal_lm
-    from .text import fit_text
+    from ..maps import Support
+    from .collection import fit_text
+    from .models import load_causal_lm
 
     source, target = read_lines(args.source), read_lines(args.target)
     Support.parse(args.support)
@@ -154,10 +154,10 @@ def fit_text_command(args: argparse.Namespace) -> None:
 
 def generate_command(args: argparse.Namespace) -> None:
     """`generate`: steer the model with the transport and print every continuation."""
+    from ..steering import steer
+    from ..transport import Transport
     from .generation import Sampling, generate
-    from .llm import load_causal_lm
-    from .steering import steer
-    from .transport import Transport
+    from .models import load_causal_lm
 
     prompts = [args.prompt] if args.prompt is not None else read_lines(args.prompts)
     sampling = Sampling(

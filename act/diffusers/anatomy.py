@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ActError, ModelMismatchError
-from .transport import Transport
+from ..errors import ActError, ModelMismatchError
+from ..transport import Transport
 
 DENOISERS = ("unet", "transformer")
 WHERE = ("denoiser", *DENOISERS, "text_encoder", "both")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 
-from ..errors import ActError
+from ...errors import ActError
 
 CONCEPTS = ("ocean", "football", "cooking")
 NAMES = (

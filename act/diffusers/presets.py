@@ -1,6 +1,6 @@
 """Layer presets for diffusers pipelines (the paper's choices), registered in `act.PRESETS`.
 
-They resolve on the module root of `act.diffusion_pipeline.pipeline_root`, whose names are
+They resolve on the module root of `act.diffusers.anatomy.pipeline_root`, whose names are
 prefixed by component (`unet.…`, `transformer.…`, `text_encoder.…`), and find nothing when
 the root lacks their component.
 """
@@ -11,8 +11,8 @@ import inspect
 
 from torch import nn
 
-from .errors import ActError
-from .selection import norm_sites, register_preset
+from ..errors import ActError
+from ..selection import norm_sites, register_preset
 
 
 def unet_norm_sites(root: nn.Module) -> list[str]:

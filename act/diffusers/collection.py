@@ -5,8 +5,8 @@ step; `at_steps` picks others), only the conditional rows of a classifier-free-g
 batch, spatial mean for (B, C, H, W) outputs and token mean for token outputs; text encoders
 are recorded on the positive prompt, pooled over its real tokens (up to the first
 end-of-text token). Each pipeline call stops as soon as everything is recorded, so a batch
-costs one denoiser call (see `act.diffusion_batches`). Steering lives in
-`act.diffusion_steering`.
+costs one denoiser call (see `act.diffusers.batches`). Steering lives in
+`act.diffusers.steering`.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from .collection import collect
-from .diffusion_batches import Collector
-from .diffusion_pipeline import component_names, pipeline_fingerprint, pipeline_root
-from .diffusion_presets import default_layers
-from .errors import ActError
-from .samples import Samples
-from .selection import select_modules
-from .transport import Transport
+from ..collection import collect
+from ..errors import ActError
+from ..samples import Samples
+from ..selection import select_modules
+from ..transport import Transport
+from .anatomy import component_names, pipeline_fingerprint, pipeline_root
+from .batches import Collector
+from .presets import default_layers
 
 RESERVED = (
     "prompt",

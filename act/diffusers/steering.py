@@ -23,15 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .diffusion_pipeline import (
+from ..errors import ActError, ModelMismatchError
+from ..steering import Steering
+from ..transport import Transport
+from .anatomy import (
     StepClock,
     check_pipeline,
     denoiser_name,
     pipeline_modules,
 )
-from .errors import ActError, ModelMismatchError
-from .steering import Steering
-from .transport import Transport
 
 
 class PipelineSteering:

@@ -13,11 +13,11 @@ import re
 import time
 from collections.abc import Sequence
 
+from ..errors import ActError
+from .collection import fit_text
 from .data import CONCEPTS, lines
-from .errors import ActError
 from .generation import Sampling, sweep
-from .llm import load_causal_lm
-from .text import fit_text
+from .models import load_causal_lm
 
 TOXIC_WORDS = re.compile(
     r"\b(idiot\w*|stupid\w*|moron\w*|dumb\w*|fuck\w*|shit\w*|ass|asses|asshole\w*|bitch\w*|"

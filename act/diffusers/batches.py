@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .diffusion_pipeline import StepClock, denoiser_name, pipeline_modules
-from .errors import ActError
-from .samples import Batch
+from ..errors import ActError
+from ..samples import Batch
+from .anatomy import StepClock, denoiser_name, pipeline_modules
 
 
 class _Finished(Exception):

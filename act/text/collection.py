@@ -1,13 +1,9 @@
-"""Text front end: where to hook causal LMs, and fitting transports from sentences.
+"""Fitting transports from sentences: tokenizing them into batches and collecting pooled
+activations of a causal LM.
 
 Sentences are tokenized without a chat template, left-padded into batches, and every hooked
 output is pooled with the mean over the real tokens (the attention mask), as in the paper.
-Presets of hook points per architecture family: Llama-like models (Llama, SmolLM2, Qwen2,
-Mistral) the attention outputs `model.layers.N.self_attn.o_proj` of the second half of the
-layers (`attention-output-late`; measured on SmolLM2 against every layer's attention output,
-the norms and the MLP outputs, see the README), or of every layer (`attention-output`, the
-paper's choice for Llama-3-8B); Gemma-2 the post-attention and post-feed-forward norms (the
-paper's choice); GPT-2 the `ln_*` norms. The preset `llm` picks by `config.model_type`.
+The default layers are the family's preset (`llm`, see `act.text.presets`).
 """
 
 from __future__ import annotations
@@ -21,65 +17,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .collection import collect
-from .errors import ActError
-from .samples import Batch, Samples
-from .selection import PRESETS, register_preset, select_modules
-from .transport import Transport
+from ..collection import collect
+from ..errors import ActError
+from ..samples import Batch, Samples
+from ..selection import select_modules
+from ..transport import Transport
 
-ATTENTION_OUTPUT = [r"model\.layers\.\d+\.self_attn\.o_proj"]
-GEMMA2_POST_NORMS = [r"model\.layers\.\d+\.(post_attention_layernorm|post_feedforward_layernorm)"]
-GPT2_NORMS = [r"transformer\.h\.\d+\.ln_(1|2)", r"transformer\.ln_f"]
-
-# config.model_type -> preset name, for the automatic preset "llm".
-FAMILIES = {
-    "llama": "attention-output-late",
-    "mistral": "attention-output-late",
-    "qwen2": "attention-output-late",
-    "qwen3": "attention-output-late",
-    "gemma2": "gemma2-post-norms",
-    "gemma3_text": "gemma2-post-norms",
-    "gpt2": "gpt2-ln",
-}
 DEFAULT_MAX_LENGTH = 128
-
-
-def family_sites(model: nn.Module) -> list[str]:
-    """The sites of the preset for the model's family (`config.model_type`)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    preset = FAMILIES.get(model_type)
-    if preset is None:
-        raise ActError(
-            f"no layer preset for model type {model_type!r}; pass a preset "
-            f"({', '.join(sorted(PRESETS))}) or a regular expression such as "
-            r"'model\.layers\.\d+\.self_attn\.o_proj'"
-        )
-    return PRESETS[preset].find(model)
-
-
-def late_attention_outputs(model: nn.Module) -> list[str]:
-    """The attention outputs (`o_proj`) of the second half of the layers."""
-    sites = PRESETS["attention-output"].find(model)
-    return sites[len(sites) // 2 :]
-
-
-register_preset(
-    "attention-output",
-    "Llama-like LMs (Llama, SmolLM2, Qwen2, Mistral): every layer's attention output o_proj",
-    ATTENTION_OUTPUT,
-)
-register_preset(
-    "attention-output-late",
-    "Llama-like LMs: the attention outputs o_proj of the second half of the layers",
-    late_attention_outputs,
-)
-register_preset(
-    "gemma2-post-norms",
-    "Gemma-2: the post-attention and post-feed-forward norms of every block",
-    GEMMA2_POST_NORMS,
-)
-register_preset("gpt2-ln", "GPT-2: the ln_1, ln_2 and ln_f LayerNorms", GPT2_NORMS)
-register_preset("llm", "the preset for the causal LM's family (config.model_type)", family_sites)
 
 
 def encode(
@@ -165,7 +109,7 @@ def collect_text(
     Args:
         model: a causal LM (e.g. `LlamaForCausalLM`); site names are its own
             (`model.layers.3.self_attn.o_proj`).
-        tokenizer: its tokenizer, padding on the left (see `act.llm.load_causal_lm`).
+        tokenizer: its tokenizer, padding on the left (see `act.text.models.load_causal_lm`).
         source / target: sentences to move away from / towards (at least 2 each).
         layers: a preset (`llm` picks the family's), or regular expressions.
         causal: estimate module after module on the previous maps' outputs (paper §3.2);
