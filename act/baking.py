@@ -14,6 +14,7 @@ from torch import nn
 
 from .errors import ActError
 from .hooks import check_fingerprint, resolve_module, split_site
+from .maps import checked_strength
 from .selection import is_norm
 from .transport import Transport
 
@@ -32,12 +33,18 @@ def bake_deltas(
     """
     if transport.module_params:
         check_fingerprint(model, transport.module_params, transport.model_class)
+    strength = checked_strength(strength)
+    holders = _storage_holders(model)
     deltas: dict[str, torch.Tensor] = {}
     for site, module_map in transport.maps.items():
         name, index = split_site(site)
         module = resolve_module(model, name)
         weight, bias = _foldable_parameters(module, site, index, module_map.units)
-        coefficients = module_map.coefficients(strength)
+        _refuse_shared(name, (weight, bias), holders)
+        try:
+            coefficients = module_map.coefficients(strength)
+        except ActError as error:
+            raise ActError(f"module {site!r}: {error}") from None
         if coefficients.bounded:
             raise ActError(
                 f"module {site!r}: the transport has support {transport.support!r}; only maps "
@@ -58,9 +65,8 @@ class Baked:
     """Handle on baked weights; `restore()` (or leaving a `with` block) puts the originals back."""
 
     def __init__(self, model: nn.Module, deltas: dict[str, torch.Tensor]) -> None:
-        parameters = dict(model.named_parameters())
-        self._originals = {name: parameters[name].detach().clone() for name in deltas}
-        self._parameters = {name: parameters[name] for name in deltas}
+        self._parameters = {name: model.get_parameter(name) for name in deltas}
+        self._originals = {name: p.detach().clone() for name, p in self._parameters.items()}
         with torch.no_grad():
             for name, delta in deltas.items():
                 parameter = self._parameters[name]
@@ -90,6 +96,41 @@ def bake(model: nn.Module, transport: Transport, strength: float = 1.0) -> Baked
         ActError: a map cannot be folded exactly; the model is left unchanged.
     """
     return Baked(model, bake_deltas(model, transport, strength))
+
+
+def _memory_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses of the memory a tensor's elements occupy."""
+    first = tensor.data_ptr()
+    extent = sum(
+        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+    return first, first + (extent + 1) * tensor.element_size()
+
+
+def _storage_holders(model: nn.Module) -> list[tuple[int, int, str]]:
+    """The memory span and name of every parameter and buffer (tied ones under each name)."""
+    tensors = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    return [(*_memory_span(tensor), name) for name, tensor in tensors if tensor.numel()]
+
+
+def _refuse_shared(
+    name: str, parameters: tuple[torch.Tensor, ...], holders: list[tuple[int, int, str]]
+) -> None:
+    """Raise if a parameter to fold overlaps in memory with another module's (tied weights):
+    folding the map would change that module too."""
+    for parameter in parameters:
+        first, last = _memory_span(parameter)
+        owners = {owner for start, end, owner in holders if start < last and first < end}
+        others = sorted({owner.rpartition(".")[0] for owner in owners} - {name})
+        if others:
+            raise ActError(
+                f"module {name!r} shares its parameters with {', '.join(map(repr, others))} "
+                "(tied weights): folding its map would change those modules too; steer it "
+                "with hooks (act.steer) instead"
+            )
 
 
 def _foldable_parameters(

@@ -97,7 +97,7 @@ class _CausalFitter:
         for site, index in self.groups[name]:
             tensor = pick_output(output, index, site)
             coefficients = self.maps[site].coefficients(1.0).to(tensor.device)
-            if can_modify_in_place(tensor, args, kwargs):
+            if can_modify_in_place(tensor, self.modules[name], args, kwargs, output):
                 transport_in_place(tensor, coefficients)
             else:
                 output = replace_output(output, index, transported(tensor, coefficients))

@@ -72,7 +72,10 @@ def fit_transport(
                 f"have {b.shape[0]}; both must come from the same module"
             )
         counts.add((a.shape[1], b.shape[1]))
-        maps[site] = fit_module(a, b, method, rule)
+        try:
+            maps[site] = fit_module(a, b, method, rule)
+        except ActError as error:
+            raise ActError(f"module {site!r}: {error}") from None
         if progress is not None:
             progress(done, len(source))
     if len(counts) > 1:
@@ -165,11 +168,18 @@ def _quantile_grid(sorted_rows: np.ndarray, n: int) -> np.ndarray:
 
 
 def _unit_rows(samples: ArrayLike, site: str, side: str) -> np.ndarray:
-    """Samples (N, D) as a fresh, contiguous float32 array of shape (D, N)."""
-    if isinstance(samples, torch.Tensor):
-        array = samples.detach().to("cpu", torch.float32).numpy()
-    else:
-        array = np.asarray(samples, dtype=np.float32)
+    """Samples (N, D) as a new contiguous float32 array of shape (D, N); the input is never
+    modified, whatever its memory layout."""
+    try:
+        if isinstance(samples, torch.Tensor):
+            array = samples.detach().to("cpu", torch.float32).numpy()
+        else:
+            array = np.asarray(samples, dtype=np.float32)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ActError(
+            f"module {site!r}: {side} samples must be numbers of shape (N, D) "
+            f"({type(samples).__name__} given: {error})"
+        ) from None
     if array.ndim != 2:
         raise ActError(
             f"module {site!r}: {side} samples must have shape (N, D), got {tuple(array.shape)}"
@@ -178,6 +188,11 @@ def _unit_rows(samples: ArrayLike, site: str, side: str) -> np.ndarray:
         raise ActError(
             f"module {site!r}: {array.shape[0]} {side} sample(s); at least 2 are needed to fit"
         )
+    if array.shape[1] < 1:
+        raise ActError(
+            f"module {site!r}: {side} samples have no units (shape {tuple(array.shape)}); "
+            "the module's output is empty"
+        )
     finite = np.isfinite(array)
     if not finite.all():
         bad = int(array.size - finite.sum())
@@ -185,4 +200,4 @@ def _unit_rows(samples: ArrayLike, site: str, side: str) -> np.ndarray:
             f"module {site!r}: {bad} {side} value(s) are NaN or infinite; check the model's "
             "dtype (fp16 overflow?) and the prompts"
         )
-    return np.ascontiguousarray(array.T)
+    return np.array(array.T, order="C")  # always a copy: fitting sorts it in place

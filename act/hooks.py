@@ -133,12 +133,22 @@ def check_width(tensor: torch.Tensor, units: int, site: str) -> None:
         )
 
 
-def can_modify_in_place(tensor: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-    """Whether a module output may be overwritten: no autograd, and not aliasing an input."""
-    if tensor.requires_grad and torch.is_grad_enabled():
+def can_modify_in_place(
+    tensor: torch.Tensor, module: nn.Module, args: tuple, kwargs: dict, output: Any = None
+) -> bool:
+    """Whether a module output may be overwritten: it must provably own its storage.
+
+    True only without autograd, for a tensor that is not a view, and whose storage is not
+    that of an input, of the module's parameters or buffers, or of another tensor of the
+    same output. Anything else (a slice of a positional table, an input returned as is) is
+    transported out of place, so weights and inputs are never written to.
+    """
+    if (tensor.requires_grad and torch.is_grad_enabled()) or tensor._base is not None:
         return False
     storage = tensor.untyped_storage().data_ptr()
-    inputs = (*args, *kwargs.values())
+    others = [*args, *kwargs.values(), *module.parameters(), *module.buffers()]
+    if isinstance(output, tuple | list):
+        others += [item for item in output if item is not tensor]
     return not any(
-        isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() == storage for x in inputs
+        isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() == storage for x in others
     )

@@ -14,12 +14,8 @@ counts, causal flag, default strength, free-form info). Nothing is ever unpickle
 from __future__ import annotations
 
 import json
-import math
-import os
 import struct
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +28,8 @@ from .maps import METHODS, ModuleMap, Support
 FORMAT = "act-transport"
 FORMAT_VERSION = 1
 FIELDS = ("omega", "beta", "source_lo", "source_hi", "target_lo", "target_hi")
+# safetensors refuses headers over 100 MB; keep room for the tensors' entries.
+MAX_HEADER_BYTES = 64_000_000
 
 
 def transport_to_bytes(maps: Mapping[str, ModuleMap], fields: Mapping[str, Any]) -> bytes:
@@ -63,41 +61,19 @@ def transport_to_bytes(maps: Mapping[str, ModuleMap], fields: Mapping[str, Any])
         text = json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise ActError(f"transport info must be JSON-serialisable: {error}") from None
-    tensors = {
-        f"{site}/{name}": getattr(m, name).detach().to("cpu", torch.float32).contiguous()
+    if len(text) > MAX_HEADER_BYTES:
+        info = len(json.dumps(fields["info"]))
+        raise ActError(
+            f"the transport's header is {len(text) / 1e6:.1f} MB of JSON ({info / 1e6:.1f} MB "
+            f"of it info); a transport file holds at most {MAX_HEADER_BYTES / 1e6:.0f} MB: keep "
+            "prompts and descriptions in info, not data"
+        )
+    tensors = {  # clones: fields that share one tensor are stored apart
+        f"{site}/{name}": getattr(m, name).detach().to("cpu", torch.float32).clone()
         for site, m in maps.items()
         for name in FIELDS
     }
     return save_tensors(tensors, metadata={"act": text})
-
-
-def write_file(path: str | os.PathLike, data: bytes) -> None:
-    """Write a transport file's bytes atomically (a partial file never replaces a good one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def read_file(path: str | os.PathLike) -> bytes:
-    """The bytes of a transport file.
-
-    Raises:
-        TransportFileError: the file cannot be read.
-    """
-    path = Path(path)
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        raise TransportFileError(
-            f"cannot read transport file {str(path)!r}: {error.strerror}"
-        ) from None
 
 
 def transport_from_bytes(
@@ -125,21 +101,34 @@ def _read_header(data: bytes, name: str) -> dict[str, Any]:
     if len(data) < 8:
         raise TransportFileError(f"{name} is truncated or empty ({len(data)} bytes)")
     (length,) = struct.unpack("<Q", data[:8])
+    if len(data) > 8 and data[8:9] != b"{":
+        raise TransportFileError(
+            f"{name} is not a safetensors transport file (it does not start with a "
+            "safetensors header)"
+        )
     if length > len(data) - 8:
-        raise TransportFileError(f"{name} is truncated: its header claims {length} bytes")
+        raise TransportFileError(
+            f"{name} is truncated: its header claims {length} bytes, the file has "
+            f"{len(data) - 8} after the length"
+        )
     try:
-        metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
-        header = json.loads(metadata["act"])
-    except (ValueError, AttributeError, KeyError, TypeError):
+        metadata = _json(data[8 : 8 + length], name).get("__metadata__") or {}
+        header = _json(metadata["act"], name)
+    except (AttributeError, KeyError, TypeError):
         raise TransportFileError(
             f"{name} has no AcT header; it is not a transport file (or it is corrupted)"
         ) from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
+    if not isinstance(header, dict):
+        raise TransportFileError(
+            f"{name}: the AcT header is a JSON {type(header).__name__}, not an object; it is "
+            "not a transport file (or it is corrupted)"
+        )
+    if header.get("format") != FORMAT:
         raise TransportFileError(
             f"{name} is not an AcT transport file (format {header.get('format')!r})"
         )
     version = header.get("format_version")
-    if not isinstance(version, int) or version < 1:
+    if not _is_int(version) or version < 1:
         raise TransportFileError(f"{name}: invalid format_version {version!r}")
     if version > FORMAT_VERSION:
         raise TransportFileError(
@@ -147,6 +136,21 @@ def _read_header(data: bytes, name: str) -> dict[str, Any]:
             "upgrade the library"
         )
     return header
+
+
+def _json(text: bytes | str, name: str) -> Any:
+    """Parsed JSON, or a TransportFileError for malformed or absurdly nested text."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise TransportFileError(f"{name}: its JSON header is nested too deeply") from None
+    except ValueError:
+        raise TransportFileError(f"{name}: its header is not valid JSON (corrupted?)") from None
+
+
+def _is_int(value: Any) -> bool:
+    """An integer and not a bool (JSON true/false are not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _build(
@@ -179,15 +183,25 @@ def _build(
     if extra:
         raise fail(f"tensors not described by the header: {extra[:5]}")
     counts = [header.get("source_samples"), header.get("target_samples")]
-    if not all(isinstance(c, int) and c >= 1 for c in counts):
+    if not all(_is_int(c) and c >= 1 for c in counts):
         raise fail(f"invalid sample counts {counts}")
     strength = header.get("default_strength", 1.0)
-    if not isinstance(strength, int | float) or not math.isfinite(strength):
-        raise fail(f"invalid default_strength {strength!r}")
+    if isinstance(strength, bool) or not isinstance(strength, int | float):
+        raise fail(f"invalid default_strength {strength!r}: it must be a number")
+    try:
+        for module_map in maps.values():
+            module_map.coefficients(strength)
+    except ActError as error:
+        raise fail(f"invalid default_strength {strength!r}: {error}") from None
+    causal = header.get("causal", False)
+    if not isinstance(causal, bool):
+        raise fail(f"invalid causal flag {causal!r}: it must be true or false")
     info = header.get("info", {})
+    if not isinstance(info, dict):
+        raise fail(f"invalid info field: a JSON {type(info).__name__}, not an object")
     model_class = header.get("model_class")
-    if not isinstance(info, dict) or not isinstance(model_class, str | None):
-        raise fail("invalid info or model_class field")
+    if not isinstance(model_class, str | None):
+        raise fail(f"invalid model_class {model_class!r}: it must be a string or null")
     fields = {
         "method": method,
         "support": support,
@@ -195,7 +209,7 @@ def _build(
         "target_samples": counts[1],
         "model_class": model_class,
         "module_params": params,
-        "causal": bool(header.get("causal", False)),
+        "causal": causal,
         "default_strength": float(strength),
         "info": info,
     }
@@ -208,11 +222,11 @@ def _module_entry(entry: Any, fail) -> tuple[str, int]:
     site, units = entry.get("site"), entry.get("units")
     if not isinstance(site, str) or not site:
         raise fail(f"invalid module name {site!r}")
-    if not isinstance(units, int) or units < 1:
+    if not _is_int(units) or units < 1:
         raise fail(f"module {site!r}: invalid unit count {units!r}")
     shapes = entry.get("params", {})
     if not isinstance(shapes, dict) or not all(
-        isinstance(s, list) and all(isinstance(d, int) for d in s) for s in shapes.values()
+        isinstance(s, list) and all(_is_int(d) and d >= 0 for d in s) for s in shapes.values()
     ):
         raise fail(f"module {site!r}: invalid parameter shapes {shapes!r}")
     return site, units
@@ -237,4 +251,7 @@ def _module_map(site: str, units: int, tensors: dict[str, torch.Tensor], fail) -
     for side in ("source", "target"):
         if (values[f"{side}_lo"] > values[f"{side}_hi"]).any():
             raise fail(f"module {site!r}: {side} support has lower bounds above upper bounds")
-    return ModuleMap(**values)
+    try:
+        return ModuleMap(**values)
+    except ActError as error:
+        raise fail(f"module {site!r}: {error}") from None

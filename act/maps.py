@@ -9,6 +9,8 @@ bounds where a map applies) and `METHODS` (the estimators' names). Fitting lives
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 
@@ -18,7 +20,21 @@ import torch
 from .errors import ActError
 
 METHODS = ("linear", "mean", "gaussian")
+# A map must stay finite in float32 (the dtype maps are applied in) on every activation a
+# float16 model can produce: |scale| * FLOAT16_MAX + |shift| <= FLOAT32_MAX.
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _QUANTILE_SUPPORT = re.compile(r"q(\d+(?:\.\d+)?)")
+
+
+def checked_strength(value: object) -> float:
+    """`value` as a float if it is a finite real number; else an ActError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ActError(f"strength must be a number, got {value!r}")
+    strength = float(value)
+    if not math.isfinite(strength):
+        raise ActError(f"strength must be finite, got {value!r}")
+    return strength
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,15 @@ class ModuleMap:
                 raise ActError(
                     f"ModuleMap.{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
                 )
+        if self.omega.ndim != 1 or self.units < 1:
+            raise ActError(f"a module map needs at least one unit, got shape {tuple(shape)}")
+        for name in ("omega", "beta"):
+            if not torch.isfinite(getattr(self, name)).all():
+                raise ActError(f"ModuleMap.{name} contains NaN or infinite values")
+        for name in ("source_lo", "source_hi", "target_lo", "target_hi"):
+            if torch.isnan(getattr(self, name)).any():
+                raise ActError(f"ModuleMap.{name} contains NaN")
+        self.coefficients(1.0)  # the full map itself must stay finite in float32
 
     @property
     def units(self) -> int:
@@ -124,7 +149,12 @@ class ModuleMap:
         strength >= 0: `T_s(a) = a + s(T(a) - a)` on the source support.
         strength < 0: the inverse map `(a - beta) / omega` interpolated with |s| on the target
         support. Units with omega == 0 have no inverse and are left unchanged.
+
+        Raises:
+            ActError: the strength is not a finite number, or the map at that strength would
+                overflow float32 on activations of float16 range (|a| up to 65504).
         """
+        strength = checked_strength(strength)
         omega = self.omega.double()
         beta = self.beta.double()
         if strength >= 0:
@@ -140,6 +170,14 @@ class ModuleMap:
             scale = 1 + amount * (inverse_scale - 1)
             shift = amount * inverse_shift
             lo, hi = self.target_lo, self.target_hi
+        reach = float((scale.abs() * FLOAT16_MAX + shift.abs()).max())
+        if not reach <= FLOAT32_MAX:
+            largest = float(scale.abs().max())
+            raise ActError(
+                f"at strength {strength:g} the map scales activations by up to {largest:.3g} "
+                f"and shifts them by up to {float(shift.abs().max()):.3g}: it overflows float32 "
+                "on activations of float16 range; use a strength nearer 0 or refit the map"
+            )
         return Coefficients(scale.float(), shift.float(), lo.clone(), hi.clone())
 
     def apply(self, values: torch.Tensor, strength: float = 1.0) -> torch.Tensor:

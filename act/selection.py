@@ -19,25 +19,32 @@ _NORM_SUFFIXES = ("LayerNorm", "RMSNorm", "GroupNorm")
 
 @dataclass(frozen=True)
 class Preset:
-    """A named set of sites: a function of the model, plus a line for the docs."""
+    """A named set of sites: a function of the model, plus a line for the docs.
+
+    `family` names the front end whose models it fits ("text", "diffusers"); None for any.
+    """
 
     name: str
     description: str
     find: SiteFinder
+    family: str | None = None
 
 
 PRESETS: dict[str, Preset] = {}
 
 
-def register_preset(name: str, description: str, find: SiteFinder | Sequence[str]) -> Preset:
-    """Add a preset. `find` is a function model -> sites, or a list of regular expressions."""
+def register_preset(
+    name: str, description: str, find: SiteFinder | Sequence[str], family: str | None = None
+) -> Preset:
+    """Add a preset. `find` is a function model -> sites, or a list of regular expressions;
+    `family` ("text", "diffusers" or None for any model) decides where errors list it."""
     if not callable(find):
         patterns = list(find)
 
         def find(model: nn.Module) -> list[str]:
             return _match_patterns(model, patterns, strict=False)
 
-    preset = Preset(name, description, find)
+    preset = Preset(name, description, find, family)
     PRESETS[name] = preset
     return preset
 
@@ -62,12 +69,24 @@ register_preset(
 )
 
 
-def select_modules(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
+def preset_names(family: str | None = None) -> list[str]:
+    """Names of the presets for a front end's models (all presets when `family` is None)."""
+    return sorted(
+        name
+        for name, preset in PRESETS.items()
+        if family is None or preset.family in (None, family)
+    )
+
+
+def select_modules(
+    model: nn.Module, layers: str | Sequence[str], family: str | None = None
+) -> list[str]:
     """Resolve presets and regular expressions to a list of sites, in definition order.
 
     Each entry of `layers` is a preset name (see `PRESETS`) or a regular expression that must
     match a whole module name; append `:N` to address element N of a tuple output
-    (`transformer_blocks\\.\\d+:0`). A comma-free single string is one entry.
+    (`transformer_blocks\\.\\d+:0`). A comma-free single string is one entry. `family`
+    ("text", "diffusers") limits the presets that error messages suggest.
 
     Raises:
         ActError: an entry matches nothing (the message lists near matches and presets).
@@ -79,14 +98,16 @@ def select_modules(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     for entry in entries:
         found = PRESETS[entry].find(model) if entry in PRESETS else None
         if found is None:
-            found = _match_patterns(model, [entry], strict=True)
+            found = _match_patterns(model, [entry], strict=True, family=family)
         elif not found:
             raise ActError(f"preset {entry!r} found no module in {type(model).__name__}")
         sites.extend(site for site in found if site not in sites)
     return sites
 
 
-def _match_patterns(model: nn.Module, patterns: Sequence[str], strict: bool) -> list[str]:
+def _match_patterns(
+    model: nn.Module, patterns: Sequence[str], strict: bool, family: str | None = None
+) -> list[str]:
     names = [name for name, _ in model.named_modules() if name]
     sites: list[str] = []
     for entry in patterns:
@@ -103,7 +124,7 @@ def _match_patterns(model: nn.Module, patterns: Sequence[str], strict: bool) -> 
             raise ActError(
                 f"layer pattern {entry!r} matches no module of {type(model).__name__}"
                 + (f"; near matches: {', '.join(hint)}" if hint else "")
-                + f"; presets: {', '.join(sorted(PRESETS))}"
+                + f"; presets: {', '.join(preset_names(family))}"
             )
         sites.extend(name if index is None else f"{name}:{index}" for name in matched)
     return sites

@@ -7,13 +7,13 @@ spatial mean (gated on m being inside the support), as in the reference implemen
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .claims import claim, release
 from .errors import ActError
 from .hooks import (
     can_modify_in_place,
@@ -24,7 +24,7 @@ from .hooks import (
     replace_output,
     resolve_module,
 )
-from .maps import Coefficients, ModuleMap
+from .maps import Coefficients, ModuleMap, checked_strength
 from .transport import Transport
 
 RowSelector = Callable[[int], Sequence[slice] | None]
@@ -78,7 +78,8 @@ class Steering:
     """Hooks that steer a model with a transport; remove them with `remove()` or `with`.
 
     Prefer `steer(...)`, which constructs this. `strength` may be changed at any time; the
-    hooks read it on every call.
+    hooks read it on every call. `calls` counts the module calls that were steered, so a
+    caller can tell a steering that never fired (modules that did not run) from one that did.
     """
 
     def __init__(
@@ -97,10 +98,13 @@ class Steering:
         self.transport = transport
         self.active = active
         self.rows = rows
+        self.calls = 0
         self._strength = 0.0
         self._coefficients: dict[tuple[str, torch.device], Coefficients] = {}
         self.strength = strength
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._modules = list(modules.values())
+        claim(modules, id(self))
         try:
             for name, sites in groups.items():
                 hook = _ModuleHook(
@@ -118,21 +122,22 @@ class Steering:
 
     @strength.setter
     def strength(self, value: float) -> None:
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ActError(f"strength must be a number, got {value!r}") from None
-        if not math.isfinite(value):
-            raise ActError(f"strength must be finite, got {value!r}")
+        value = checked_strength(value)
+        coefficients = {}
+        for site, module_map in self.transport.maps.items():
+            try:
+                coefficients[site] = module_map.coefficients(value)
+            except ActError as error:
+                raise ActError(f"site {site!r}: {error}") from None
         self._strength = value
-        self._coefficients.clear()
+        self._coefficients = {(site, torch.device("cpu")): c for site, c in coefficients.items()}
 
     def coefficients(self, site: str, module_map: ModuleMap, device: torch.device) -> Coefficients:
         """Coefficients of a site at the current strength on `device` (cached)."""
         key = (site, device)
         cached = self._coefficients.get(key)
         if cached is None:
-            cached = module_map.coefficients(self._strength).to(device)
+            cached = self._coefficients[(site, torch.device("cpu"))].to(device)
             self._coefficients[key] = cached
         return cached
 
@@ -145,6 +150,7 @@ class Steering:
         """Remove every hook; the model computes exactly as before."""
         while self._handles:
             self._handles.pop().remove()
+        release(self._modules, id(self))
 
     def __enter__(self) -> Steering:
         return self
@@ -164,12 +170,13 @@ class _ModuleHook:
         steering = self.steering
         if steering.strength == 0 or (steering.active is not None and not steering.active()):
             return None
+        steering.calls += 1
         for site, index, module_map in self.sites:
             tensor = pick_output(output, index, site)
             check_width(tensor, module_map.units, site)
             coefficients = steering.coefficients(site, module_map, tensor.device)
             selected = None if steering.rows is None else steering.rows(tensor.shape[0])
-            if can_modify_in_place(tensor, args, kwargs):
+            if can_modify_in_place(tensor, module, args, kwargs, output):
                 for region in [tensor] if selected is None else [tensor[r] for r in selected]:
                     transport_in_place(region, coefficients)
             elif selected is None:

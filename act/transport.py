@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import ActError
-from .io import read_file, transport_from_bytes, transport_to_bytes, write_file
+from .files import read_regular_file, write_atomically
+from .io import transport_from_bytes, transport_to_bytes
 from .maps import METHODS, ModuleMap
 
 
@@ -140,7 +141,7 @@ class Transport:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the transport as a safetensors file with a JSON header (atomically)."""
-        write_file(path, self.to_bytes())
+        write_atomically(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Transport:
@@ -149,7 +150,7 @@ class Transport:
         Raises:
             TransportFileError: the file is missing, truncated, malformed or inconsistent.
         """
-        return cls.from_bytes(read_file(path), str(path))
+        return cls.from_bytes(read_regular_file(path), str(path))
 
     def _header_fields(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "maps"}

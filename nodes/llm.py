@@ -13,8 +13,10 @@ from comfy_api.latest import io, ui
 
 from ..act import ActError, steer
 from ..act.text import fit_text
-from ..act.text.data import CONCEPTS, lines
+from ..act.text.data import CONCEPTS
 from ..act.text.generation import Sampling, generate
+from ..act.text.goals import GOALS as GOALS_BY_NAME
+from ..act.text.goals import builtin_sentences
 from ..act.text.models import BUILTIN, load_causal_lm
 from .prompts import parse_prompts
 from .types import CATEGORY, Transport
@@ -23,8 +25,9 @@ LLM_FOLDER = "LLM"
 BUILTIN_CHOICE = "smollm2 (built-in)"
 DETOXIFY = "detoxify (built-in sentences)"
 CUSTOM = "custom sentences"
+CUSTOM_MITIGATION = "custom sentences: mitigate (only where the source shows)"
 CONCEPT_GOALS = [f"concept: {name} (built-in sentences)" for name in CONCEPTS]
-GOALS = [DETOXIFY, *CONCEPT_GOALS, CUSTOM]
+GOALS = [DETOXIFY, *CONCEPT_GOALS, CUSTOM, CUSTOM_MITIGATION]
 
 _models: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
 _transports: OrderedDict[tuple, Any] = OrderedDict()
@@ -62,18 +65,23 @@ def model_path(choice: str) -> str:
 
 
 def sentence_sets(goal: str, source: str, target: str) -> tuple[list[str], list[str], str]:
-    """(source sentences, target sentences, support) for a steering goal."""
+    """(source sentences, target sentences, support) for a goal of the combo.
+
+    Detoxification and "mitigate" transport only inside the source's range; concepts and
+    plain custom sentences everywhere (the paper's rule, see `act.text.goals`).
+    """
     if goal == DETOXIFY:
-        return lines("toxic"), lines("nontoxic"), "range"
+        return *builtin_sentences("detox"), GOALS_BY_NAME["detox"].support
     for concept in CONCEPTS:
         if goal.startswith(f"concept: {concept} "):
-            return lines("generic"), lines(concept), "all"
-    if goal != CUSTOM:
+            return *builtin_sentences("concept", concept), GOALS_BY_NAME["concept"].support
+    if goal not in (CUSTOM, CUSTOM_MITIGATION):
         raise ActError(f"unknown goal {goal!r}; choose one of {GOALS}")
+    kind = "detox" if goal == CUSTOM_MITIGATION else "concept"
     return (
         parse_prompts(source, "source_sentences"),
         parse_prompts(target, "target_sentences"),
-        "all",
+        GOALS_BY_NAME[kind].support,
     )
 
 
@@ -130,7 +138,7 @@ class LLMGenerate(io.ComfyNode):
                     "goal",
                     options=GOALS,
                     default=CONCEPT_GOALS[0],
-                    tooltip="What to fit when no transport is connected: detoxify, a built-in concept, or your own sentences (ignored when a transport is connected).",
+                    tooltip="What to fit when no transport is connected (ignored when one is): detoxify, a built-in concept, or your own sentences. Custom sentences add a concept (transport everywhere); 'mitigate' removes a behaviour, transporting only activations inside the source's range.",
                 ),
                 io.Float.Input(
                     "strength",

@@ -1,6 +1,7 @@
 """`python -m act`: fit-text and generate on a tiny Llama, and one-line errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 from text_models import save_tiny_gpt2, save_tiny_llama
 
-from act.text.cli import main
+from act import Transport
+from act.text.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ["The shop closes at six.", "She finished reading the novel.", "The bus was late."]
@@ -27,12 +29,18 @@ def files(tmp_path_factory):
         "prompts": folder / "prompts.txt",
         "empty": folder / "empty.txt",
         "broken": folder / "broken.safetensors",
+        "notes": folder / "notes.txt",
     }
     paths["source"].write_text("\n".join(SOURCE) + "\n\n")
     paths["target"].write_text("\n".join(TARGET))
     paths["prompts"].write_text("The sea\nShe finished\n")
     paths["empty"].write_text("\n  \n")
     paths["broken"].write_bytes(b"not a safetensors file")
+    paths["notes"].write_text("Some notes, not a transport.\n" * 20)
+    paths["truncated"] = folder / "truncated"
+    shutil.copytree(paths["llama"], paths["truncated"])
+    weights = paths["truncated"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     for name, model, extra in (
         ("transport", "llama", []),
         ("gpt2_transport", "gpt2", ["--causal", "--method", "mean"]),
@@ -100,16 +108,23 @@ def test_fit_text_errors_are_one_line(files, capsys, tmp_path, arguments, code, 
 @pytest.mark.parametrize(
     ("arguments", "code", "message"),
     [
-        (["--strength", "strong"], 2, "'strong' is not a number"),
-        (["--strength", "nan"], 2, "'nan' is not a finite number"),
+        (["--strength", "strong"], 2, "invalid float value: 'strong'"),
+        (["--strength", "nan"], 1, "--strength must be a finite number, got nan"),
+        (["--strength", "inf", "--transport", "{transport}"], 1, "must be a finite number"),
+        (["--strength", "1e308", "--transport", "{transport}"], 1, "overflows float32"),
+        (["--top-p", "nan"], 1, "--top-p must be a finite number"),
         (["--transport", "{gpt2_transport}"], 1, "module 'transformer.h.0.ln_1' not found"),
         (["--transport", "{transport}", "--model", "{wide}"], 1, "fitted on LlamaForCausalLM"),
         (["--transport", "{broken}"], 1, "broken.safetensors"),
         (["--transport", "missing.safetensors"], 1, "missing.safetensors"),
         (["--prompts", "{empty}"], 1, "is empty"),
-        (["--model", "no/such/model"], 1, "cannot load model 'no/such/model'"),
+        (["--model", "./no/such/model"], 1, "model folder './no/such/model' does not exist"),
+        (["--model", "nosuch/model"], 1, "cannot load model 'nosuch/model'"),
+        (["--model", "{truncated}"], 1, "cannot load model"),
+        (["--transport", "{notes}"], 1, "is not a safetensors transport file"),
         (["--strength", "1"], 1, "--strength needs --transport"),
-        (["--max-new-tokens", "0"], 1, "invalid max_new_tokens: 0"),
+        (["--max-new-tokens", "0"], 1, "--max-new-tokens must be at least 1, got 0"),
+        (["--threads", "0"], 1, "--threads must be at least 1, got 0"),
         (["--prompt", "hi"], 2, "not allowed with argument --prompts"),
     ],
 )
@@ -127,6 +142,44 @@ def _assert_one_line_error(argv, capsys, code, message):
     assert exit_code == code
     assert len(err.strip().splitlines()) == 1, err
     assert message in err and "Traceback" not in err
+    return err
+
+
+def test_an_empty_prompt_is_one_line(files, capsys):
+    argv = ["generate", "--model", str(files["llama"]), "--prompt", "  "]
+    _assert_one_line_error(argv, capsys, 1, "--prompt is empty")
+
+
+def test_without_a_command_the_commands_are_listed(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert all(f"  {name} " in err for name in ("demo", "fit-text", "generate"))
+
+
+def test_every_option_has_help_text():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def test_the_goal_picks_the_support_and_an_explicit_support_wins(files, tmp_path):
+    base = ["fit-text", "--model", str(files["llama"]), "--source", str(files["source"]),
+            "--target", str(files["target"])]  # fmt: skip
+    for extra, support in (([], "all"), (["--goal", "detox"], "range"),
+                           (["--goal", "detox", "--support", "q05"], "q05")):  # fmt: skip
+        out = tmp_path / f"{support}.safetensors"
+        assert main([*base, *extra, "--out", str(out)]) == 0
+        assert Transport.load(out).support == support
+
+
+def test_layer_errors_suggest_text_presets_only(files, capsys, tmp_path):
+    argv = ["fit-text", "--model", str(files["llama"]), "--source", str(files["source"]),
+            "--target", str(files["target"]), "--layers", "nothing", "--out",
+            str(tmp_path / "t.safetensors")]  # fmt: skip
+    err = _assert_one_line_error(argv, capsys, 1, "presets: attention-output")
+    assert "unet-norms" not in err and "flux-blocks" not in err
 
 
 def test_python_m_act_exits_with_one_line_and_no_traceback(tmp_path):
@@ -138,7 +191,10 @@ def test_python_m_act_exits_with_one_line_and_no_traceback(tmp_path):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
-    assert lines[0].startswith(f"python -m act generate: error: cannot load model '{tmp_path}")
+    assert (
+        lines[0]
+        == f"python -m act generate: error: model folder '{tmp_path / 'none'}' does not exist"
+    )
 
 
 def test_demo_prints_both_tables(files, capsys, monkeypatch):
@@ -155,3 +211,15 @@ def test_demo_prints_both_tables(files, capsys, monkeypatch):
     assert "Over all 48 prompts" in out and "Over all 8 prompts" in out
     assert "Fit time:" in out
     _assert_one_line_error(["demo", "--concept", "sailing"], capsys, 1, "unknown concept")
+
+
+def test_demo_cells_show_the_words_they_count_even_when_cut():
+    import re
+
+    from act.text.demo import _cell, _score
+
+    words = re.compile(r"\b(idiot|stupid)\b", re.IGNORECASE)
+    text = "a " * 60 + "you Stupid idiot, stupid"
+    assert "idiot" not in _cell(text)  # the cut hides them ...
+    assert _score(words, text) == "3: stupid, idiot"  # ... the score cell names them
+    assert _score(words, "all fine") == "0"

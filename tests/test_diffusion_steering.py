@@ -1,5 +1,7 @@
 """Steering tiny SD, SDXL and FLUX pipelines: identities, step ranges, cond_only, mismatches."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusion_fixtures import (
@@ -143,6 +145,20 @@ def test_another_architecture_is_refused_with_a_clear_message(fitted):
     with pytest.raises(ModelMismatchError, match="not on a diffusers pipeline"):
         steer_pipeline(sd, bare)
     assert [hooks(pipe) for pipe in (sd, sdxl, flux)] == before
+
+
+def test_damaged_pipeline_transports_are_refused_with_a_clear_message(fitted):
+    sd, transport, _ = fitted["sd"]
+    before = hooks(sd)
+    pipeline = transport.info["pipeline"]
+    broken = replace(transport, info={"pipeline": {**pipeline, "components": {"unet": [1]}}})
+    with pytest.raises(ModelMismatchError, match=r"components\['unet'\] is not an object"):
+        steer_pipeline(sd, broken)
+    site = transport.sites[0]
+    unprefixed = replace(transport, maps={"norm": transport.maps[site]}, module_params={})
+    with pytest.raises(ModelMismatchError, match="site 'norm' names no pipeline component"):
+        steer_pipeline(sd, unprefixed)
+    assert hooks(sd) == before
 
 
 @pytest.mark.parametrize("steps", [(0.5, 0.2), (-0.1, 0.5), (0.0, 1.5), (0.5,), "early"])

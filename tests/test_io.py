@@ -1,14 +1,17 @@
 """Transport files: round trip, and clear rejection of damaged or foreign files."""
 
 import json
+import os
+import stat
 import struct
+import time
 
 import pytest
 import torch
 from helpers import Stack, random_map
 from safetensors.torch import save as save_tensors
 
-from act import Transport, TransportFileError, fit_transport, steer
+from act import ActError, ModuleMap, Transport, TransportFileError, fit_transport, steer
 
 
 def _fitted() -> Transport:
@@ -134,3 +137,104 @@ def test_subset_keeps_the_named_sites_in_order():
     assert part.sites == ["c", "b"] and part.module_params == {"c": {"weight": [4]}}
     with pytest.raises(Exception, match="not in this transport"):
         transport.subset(["z"])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda h, t: h.update(causal="false"), "invalid causal flag 'false'"),
+        (lambda h, t: h.update(source_samples=True), "invalid sample counts"),
+        (lambda h, t: h.update(default_strength="1"), "invalid default_strength '1'"),
+        (lambda h, t: h.update(default_strength=1e300), "overflows float32"),
+        (lambda h, t: h.update(info=[1, 2]), "invalid info field"),
+        (lambda h, t: h.update(model_class=3), "invalid model_class 3"),
+        (lambda h, t: h["modules"][0].update(units=True), "invalid unit count True"),
+        (lambda h, t: t["blocks.0.norm/omega"].fill_(3e38), "overflows float32"),
+    ],
+)
+def test_header_values_of_the_wrong_type_or_size_are_rejected(edit, message):
+    with pytest.raises(TransportFileError, match=rf"bad.safetensors.*{message}"):
+        Transport.from_bytes(_rewrite(_fitted(), edit), "bad.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("[1, 2]", "a JSON list, not an object"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_malformed_headers_are_rejected_naming_the_file(header, message):
+    data = save_tensors({"blocks.0.norm/omega": torch.ones(8)}, metadata={"act": header})
+    with pytest.raises(TransportFileError, match=rf"odd.safetensors.*{message}"):
+        Transport.from_bytes(data, "odd.safetensors")
+
+
+def test_a_text_file_is_not_taken_for_a_truncated_transport(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("These are my notes, not a transport.\n" * 20)
+    with pytest.raises(TransportFileError, match="is not a safetensors transport file"):
+        Transport.load(path)
+
+
+def test_pipes_and_folders_are_refused_without_reading(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(TransportFileError, match="not a regular file"):
+        Transport.load(fifo)  # would block forever if it were read
+    with pytest.raises(TransportFileError, match="it is a folder"):
+        Transport.load(tmp_path)
+
+
+def test_maps_whose_fields_share_one_tensor_can_be_saved(tmp_path):
+    bounds = torch.full((3,), float("inf"))
+    zero = torch.zeros(3)
+    shared = ModuleMap(torch.ones(3), zero, -bounds, bounds, -bounds, bounds)
+    transport = Transport(
+        {"x": shared, "y": ModuleMap(zero + 1, zero, zero - 1, zero + 1, zero - 1, zero + 1)},
+        "linear",
+        "all",
+        2,
+        2,
+    )
+    transport.save(tmp_path / "shared.safetensors")
+    loaded = Transport.load(tmp_path / "shared.safetensors")
+    assert torch.equal(loaded.maps["y"].source_lo, -torch.ones(3))
+
+
+def test_an_oversized_info_gets_a_clear_error():
+    transport = _fitted()
+    transport.info = {"notes": "x" * 70_000_000}
+    with pytest.raises(ActError, match=r"header is 70\.0 MB.*info.*at most 64 MB"):
+        transport.to_bytes()
+
+
+def test_saved_files_honour_the_umask_and_keep_an_overwritten_files_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "style.safetensors"
+        _fitted().save(path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        path.chmod(0o640)
+        _fitted().save(path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_names_up_to_the_file_system_limit_can_be_saved(tmp_path):
+    path = tmp_path / ("s" * (255 - len(".safetensors")) + ".safetensors")
+    _fitted().save(path)
+    assert Transport.load(path).sites == _fitted().sites
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_killed_writes_temporary_file_is_cleaned_up_by_a_later_write(tmp_path):
+    stale = tmp_path / ".act-deadbeef.tmp"
+    fresh = tmp_path / ".act-0123abcd.tmp"  # another save, still being written
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    _fitted().save(tmp_path / "style.safetensors")
+    assert not stale.exists() and fresh.exists()

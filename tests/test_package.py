@@ -1,5 +1,6 @@
 """The repository root is ComfyUI's entry point: importing it must be light and safe."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,41 @@ def test_ci_runs_the_test_command_that_readme_gives():
     command = [line.strip() for line in body.splitlines() if line.strip() and "#" not in line]
     assert len(command) == 1
     assert command[0] in (ROOT / "README.md").read_text()
+
+
+def _readme_library_snippet() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## The library\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_installed_library_runs_the_readme_snippet_from_another_folder(tmp_path):
+    """After the README's install, `import act` works anywhere (not only in the checkout)."""
+    code = (
+        "import act, pathlib, sys\n"
+        "print(pathlib.Path(act.__file__).resolve().parent)\n" + _readme_library_snippet()
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+        check=False, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, (
+        f"the README snippet failed outside the checkout; install the library first with "
+        f"`pip install .` in {ROOT}:\n{result.stderr[-2000:]}"
+    )
+    installed = Path(result.stdout.splitlines()[0])
+    assert "1 modules, 16 units" in result.stdout
+    assert (tmp_path / "style.safetensors").is_file()
+    checkout = ROOT / "act"
+    stale = [
+        str(path.relative_to(checkout))
+        for path in checkout.rglob("*")
+        if path.is_file()
+        and "__pycache__" not in path.parts
+        and (
+            not (installed / path.relative_to(checkout)).is_file()
+            or (installed / path.relative_to(checkout)).read_bytes() != path.read_bytes()
+        )
+    ]
+    assert not stale, f"the installed library ({installed}) differs from the checkout: {stale}"

@@ -62,8 +62,11 @@ def test_loader_reads_a_saved_folder_and_prepares_the_tokenizer(llama_folder, ll
 
 
 def test_loader_reports_missing_models_in_one_message(tmp_path):
-    with pytest.raises(ActError, match="cannot load model"):
+    with pytest.raises(ActError, match=r"model folder '.*nothing-here' does not exist"):
         load_causal_lm(tmp_path / "nothing-here")
+    (tmp_path / "empty-folder").mkdir()
+    with pytest.raises(ActError, match=r"cannot load model '.*empty-folder'"):
+        load_causal_lm(tmp_path / "empty-folder")
     with pytest.raises(ActError, match=r"GGUF file .* not found"):
         load_causal_lm(tmp_path / "missing.gguf")
 

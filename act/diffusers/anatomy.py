@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ActError, ModelMismatchError
+from ..hooks import split_site
 from ..transport import Transport
 
 DENOISERS = ("unet", "transformer")
@@ -126,7 +127,18 @@ def check_pipeline(pipe: Any, transport: Transport) -> None:
         )
     modules = pipeline_modules(pipe)
     here, there = type(pipe).__name__, fitted.get("class")
+    unprefixed = [site for site in transport.sites if "." not in split_site(site)[0]]
+    if unprefixed:
+        raise ModelMismatchError(
+            f"site {unprefixed[0]!r} names no pipeline component: a pipeline transport's "
+            f"sites start with a component (e.g. 'unet.{unprefixed[0]}')"
+        )
     for name, expected in fitted["components"].items():
+        if not isinstance(expected, dict) or not isinstance(expected.get("config", {}), dict):
+            raise ModelMismatchError(
+                f"the transport's info.pipeline.components[{name!r}] is not an object with a "
+                "'class' and a 'config'; the file is corrupted or was not written by act"
+            )
         module = modules.get(name)
         if module is None:
             raise ModelMismatchError(

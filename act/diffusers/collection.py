@@ -134,7 +134,8 @@ def collect_pipeline(
         raise ActError(f"causal collection records one denoising step; got at_steps={steps}")
     components = component_names(pipe, where)
     root = pipeline_root(pipe, components)
-    sites = select_modules(root, default_layers(root) if layers is None else layers)
+    layers = default_layers(root) if layers is None else layers
+    sites = select_modules(root, layers, family="diffusers")
     collector = Collector(pipe, components, steps)
     batches = [
         collector.batch(prompts[start : start + batch_size], label, seed + i, pipeline_kwargs)

@@ -52,16 +52,20 @@ def flux_block_sites(root: nn.Module) -> list[str]:
     return sites
 
 
-register_preset("unet-norms", "diffusers UNet: every normalization layer", unet_norm_sites)
+register_preset(
+    "unet-norms", "diffusers UNet: every normalization layer", unet_norm_sites, "diffusers"
+)
 register_preset(
     "flux-blocks",
     "FLUX transformer: double-stream blocks and the first half of the single-stream blocks",
     flux_block_sites,
+    "diffusers",
 )
 register_preset(
     "text-encoder-norms",
     "diffusers text encoders: every normalization layer (CLIP and T5)",
     text_encoder_norm_sites,
+    "diffusers",
 )
 
 

@@ -1,8 +1,9 @@
 """The command line: `python -m act demo | fit-text | generate`.
 
-Bad input (a missing or empty file, a transport fitted on another model, a strength that is
-not a number) ends with a one-line message on stderr and a non-zero exit code, never a
-traceback.
+Bad input (a missing or empty file, a model that cannot be loaded, a transport fitted on
+another model, a strength that is not finite) ends with a one-line message on stderr and
+exit code 1; malformed arguments (a missing option, a word where a number goes) with exit
+code 2. Never a traceback. Every command runs torch on `--threads` threads, 1 by default.
 """
 
 from __future__ import annotations
@@ -18,9 +19,19 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..errors import ActError
+from .goals import GOALS, goal
 
 USAGE_ERROR = 2
-_THREADS_HELP = "CPU threads for torch; 1 is fastest for small models on shared cores"
+DEFAULT_THREADS = 1
+_THREADS_HELP = (
+    "CPU threads for torch (default: 1, the fastest measured for SmolLM2 on 2 shared cores; "
+    "raise it on a machine with idle cores)"
+)
+COMMANDS = {
+    "demo": "detoxify and steer the built-in SmolLM2 with the shipped sentences",
+    "fit-text": "fit a transport from two sentence files",
+    "generate": "generate text, steered by a transport",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,14 +41,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
 
 
-def finite_float(text: str) -> float:
-    """argparse type: a finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+def finite(value: float | None, option: str) -> float | None:
+    """`value` unless it is NaN or infinite (an ActError naming the option)."""
+    if value is not None and not math.isfinite(value):
+        raise ActError(f"{option} must be a finite number, got {value!r}")
+    return value
+
+
+def at_least_one(value: int, option: str) -> int:
+    """`value` if it is at least 1, else an ActError naming the option."""
+    if value < 1:
+        raise ActError(f"{option} must be at least 1, got {value}")
     return value
 
 
@@ -58,36 +72,62 @@ def read_lines(path: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `python -m act` and its three commands."""
-    parser = _Parser(prog="python -m act", description="Activation Transport (AcT) for text.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    listing = "; ".join(f"{name}: {text}" for name, text in COMMANDS.items())
+    parser = _Parser(
+        prog="python -m act",
+        description=f"Activation Transport (AcT) for text. Commands: {listing}.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="detoxify and steer the built-in SmolLM2")
+    demo = commands.add_parser("demo", help=COMMANDS["demo"])
     demo.add_argument("--concept", default="football", help="ocean, football or cooking")
-    demo.add_argument("--rows", type=int, default=6, help="prompts shown per table")
-    demo.add_argument("--threads", type=int, default=1, help=_THREADS_HELP + " (default: 1)")
+    demo.add_argument("--rows", type=int, default=6, help="prompts shown per table (default: 6)")
+    demo.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=_THREADS_HELP)
 
-    fit = commands.add_parser("fit-text", help="fit a transport from two sentence files")
+    fit = commands.add_parser("fit-text", help=COMMANDS["fit-text"])
     _model_arguments(fit)
     fit.add_argument("--source", required=True, help="sentences to move away from, one a line")
     fit.add_argument("--target", required=True, help="sentences to move towards, one a line")
-    fit.add_argument("--layers", default="llm", help="preset (default: llm) or regex")
-    fit.add_argument("--method", default="linear", choices=["linear", "mean", "gaussian"])
-    fit.add_argument("--support", default="range", help="range, all or qNN (e.g. q05)")
+    fit.add_argument(
+        "--goal",
+        default="concept",
+        choices=list(GOALS),
+        help="what the transport is for: concept (induction, support 'all'; the default) or "
+        "detox (mitigation, support 'range': only where activations look like the source)",
+    )
+    fit.add_argument("--layers", help="preset or regex (default: the goal's, the preset llm)")
+    fit.add_argument(
+        "--method",
+        default="linear",
+        choices=["linear", "mean", "gaussian"],
+        help="linear (Linear-AcT, the default), mean (Mean-AcT: a shift) or gaussian",
+    )
+    fit.add_argument("--support", help="range, all or qNN, e.g. q05 (default: the goal's)")
     fit.add_argument("--causal", action="store_true", help="estimate layer after layer")
     fit.add_argument("--out", required=True, help="transport file to write (.safetensors)")
 
-    gen = commands.add_parser("generate", help="generate text, steered by a transport")
+    gen = commands.add_parser("generate", help=COMMANDS["generate"])
     _model_arguments(gen)
     gen.add_argument("--transport", help="transport file from fit-text (omit for plain)")
-    gen.add_argument("--strength", type=finite_float, help="default: the file's (usually 1)")
+    gen.add_argument("--strength", type=float, help="default: the file's (usually 1)")
     prompts = gen.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts", help="file with one prompt per line")
-    gen.add_argument("--max-new-tokens", type=int, default=40)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--temperature", type=finite_float, default=0.0, help="0: greedy")
-    gen.add_argument("--top-p", type=finite_float, default=1.0)
-    gen.add_argument("--repetition-penalty", type=finite_float, default=1.2)
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=40, help="tokens to generate (default: 40)"
+    )
+    gen.add_argument(
+        "--seed", type=int, default=0, help="sampling seed, set before each run (default: 0)"
+    )
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    gen.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling with temperature > 0: keep the most likely tokens up to this "
+        "probability mass (default: 1, all)",
+    )
+    gen.add_argument("--repetition-penalty", type=float, default=1.2, help="1: none (default: 1.2)")
     gen.add_argument("--chat", action="store_true", help="use the chat template")
     gen.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
@@ -96,21 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="smollm2 (default) or a path")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, help=_THREADS_HELP + " (default: torch's)")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="sentences per forward pass (default: 16)"
+    )
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=_THREADS_HELP)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        listing = "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items())
+        print(
+            f"usage: python -m act COMMAND [options]\n\ncommands:\n{listing}\n\n"
+            "python -m act COMMAND --help shows a command's options.",
+            file=sys.stderr,
+        )
+        return USAGE_ERROR
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ActError(f"--threads must be at least 1, got {args.threads}")
-            import torch
+        import torch
 
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(at_least_one(args.threads, "--threads"))
         _quiet_transformers()
         if args.command == "demo":
             from .demo import run_demo
@@ -136,16 +184,20 @@ def fit_text_command(args: argparse.Namespace) -> None:
     from .models import load_causal_lm
 
     source, target = read_lines(args.source), read_lines(args.target)
-    Support.parse(args.support)
+    chosen = goal(args.goal)
+    support = chosen.support if args.support is None else args.support
+    Support.parse(support)
+    at_least_one(args.batch_size, "--batch-size")
     if not args.out.endswith(".safetensors"):
         raise ActError(f"--out {args.out!r} must end with .safetensors")
     model, tokenizer = load_causal_lm(args.model, device=args.device)
     start = time.perf_counter()
     transport = fit_text(
         model, tokenizer, source, target,
-        layers=args.layers, method=args.method, support=args.support, causal=args.causal,
-        batch_size=args.batch_size,
-        info={"model": args.model, "source": args.source, "target": args.target},
+        layers=chosen.layers if args.layers is None else args.layers, method=args.method,
+        support=support, causal=args.causal, batch_size=args.batch_size,
+        info={"model": args.model, "source": args.source, "target": args.target,
+              "goal": chosen.name},
     )  # fmt: skip
     transport.save(args.out)
     print(transport.summary())
@@ -160,6 +212,17 @@ def generate_command(args: argparse.Namespace) -> None:
     from .models import load_causal_lm
 
     prompts = [args.prompt] if args.prompt is not None else read_lines(args.prompts)
+    if not prompts[0].strip():
+        raise ActError("--prompt is empty: give the text to continue or to answer")
+    for value, option in (
+        (args.strength, "--strength"),
+        (args.temperature, "--temperature"),
+        (args.top_p, "--top-p"),
+        (args.repetition_penalty, "--repetition-penalty"),
+    ):
+        finite(value, option)
+    at_least_one(args.max_new_tokens, "--max-new-tokens")
+    at_least_one(args.batch_size, "--batch-size")
     sampling = Sampling(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, chat=args.chat,

@@ -124,7 +124,7 @@ def collect_text(
             raise ActError(
                 f"{side} needs at least 2 sentences to fit a transport, got {len(texts)}"
             )
-    sites = select_modules(model, layers)
+    sites = select_modules(model, layers, family="text")
     batches = sentence_batches(
         model, tokenizer, source, target, batch_size=batch_size, max_length=max_length
     )

@@ -17,6 +17,7 @@ from ..errors import ActError
 from .collection import fit_text
 from .data import CONCEPTS, lines
 from .generation import Sampling, sweep
+from .goals import GOALS, builtin_sentences
 from .models import load_causal_lm
 
 TOXIC_WORDS = re.compile(
@@ -50,7 +51,7 @@ def run_demo(concept: str = "football", rows: int = 6) -> None:
     print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s\n")
 
     fit_start = time.perf_counter()
-    detox = fit_text(model, tokenizer, lines("toxic"), lines("nontoxic"), support="range")
+    detox = fit_text(model, tokenizer, *builtin_sentences("detox"), support=GOALS["detox"].support)
     detox_seconds = time.perf_counter() - fit_start
     prompts = lines("toxic_prompts")
     outputs = sweep(model, tokenizer, detox, prompts, [0.0, 1.0], TOXIC_SAMPLING)
@@ -63,7 +64,9 @@ def run_demo(concept: str = "football", rows: int = 6) -> None:
     )  # fmt: skip
 
     fit_start = time.perf_counter()
-    induction = fit_text(model, tokenizer, lines("generic"), lines(concept), support="all")
+    induction = fit_text(
+        model, tokenizer, *builtin_sentences("concept", concept), support=GOALS["concept"].support
+    )
     concept_seconds = time.perf_counter() - fit_start
     prompts = lines("concept_prompts")[:CONCEPT_PROMPTS]
     outputs = sweep(model, tokenizer, induction, prompts, [0.0, 1.0], CONCEPT_SAMPLING)
@@ -98,8 +101,8 @@ def _table(
     if rank:
         table.sort(key=lambda row: -_count(words, row[1]))
     for prompt, plain, steered in table[:rows]:
-        cells = [_cell(prompt, 40), _cell(plain), _count(words, plain)]
-        cells += [_cell(steered), _count(words, steered)]
+        cells = [_cell(prompt, 40), _cell(plain), _score(words, plain)]
+        cells += [_cell(steered), _score(words, steered)]
         print("| " + " | ".join(str(cell) for cell in cells) + " |")
     totals = [sum(_count(words, text) for text in outputs[s]) for s in (0.0, 1.0)]
     hits = [sum(_count(words, text) > 0 for text in outputs[s]) for s in (0.0, 1.0)]
@@ -111,6 +114,14 @@ def _table(
 
 def _count(words: re.Pattern, text: str) -> int:
     return len(words.findall(text))
+
+
+def _score(words: re.Pattern, text: str, shown: int = 4) -> str:
+    """The count and the words counted ("2: idiot, stupid"), since a cell may cut them off."""
+    found = [match.group(0).lower() for match in words.finditer(text)]
+    unique = list(dict.fromkeys(found))
+    listed = ", ".join(unique[:shown]) + (", …" if len(unique) > shown else "")
+    return f"{len(found)}: {listed}" if found else "0"
 
 
 def _cell(text: str, width: int = WIDTH) -> str:

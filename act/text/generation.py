@@ -80,8 +80,11 @@ def generate_tokens(
 
     **Seeds torch's global generator** with `sampling.seed` before the first batch.
     """
-    if not prompts:
-        raise ActError("no prompts given")
+    if isinstance(prompts, str) or not prompts:
+        raise ActError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    for number, prompt in enumerate(prompts, start=1):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ActError(f"prompt {number} is {prompt!r}: give the text to continue or to answer")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     torch.manual_seed(sampling.seed)

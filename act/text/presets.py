@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ActError
-from ..selection import PRESETS, register_preset
+from ..selection import PRESETS, preset_names, register_preset
 
 ATTENTION_OUTPUT = [r"model\.layers\.\d+\.self_attn\.o_proj"]
 GEMMA2_POST_NORMS = [r"model\.layers\.\d+\.(post_attention_layernorm|post_feedforward_layernorm)"]
@@ -39,7 +39,7 @@ def family_sites(model: nn.Module) -> list[str]:
     if preset is None:
         raise ActError(
             f"no layer preset for model type {model_type!r}; pass a preset "
-            f"({', '.join(sorted(PRESETS))}) or a regular expression such as "
+            f"({', '.join(preset_names('text'))}) or a regular expression such as "
             r"'model\.layers\.\d+\.self_attn\.o_proj'"
         )
     return PRESETS[preset].find(model)
@@ -55,16 +55,24 @@ register_preset(
     "attention-output",
     "Llama-like LMs (Llama, SmolLM2, Qwen2, Mistral): every layer's attention output o_proj",
     ATTENTION_OUTPUT,
+    family="text",
 )
 register_preset(
     "attention-output-late",
     "Llama-like LMs: the attention outputs o_proj of the second half of the layers",
     late_attention_outputs,
+    family="text",
 )
 register_preset(
     "gemma2-post-norms",
     "Gemma-2: the post-attention and post-feed-forward norms of every block",
     GEMMA2_POST_NORMS,
+    family="text",
 )
-register_preset("gpt2-ln", "GPT-2: the ln_1, ln_2 and ln_f LayerNorms", GPT2_NORMS)
-register_preset("llm", "the preset for the causal LM's family (config.model_type)", family_sites)
+register_preset("gpt2-ln", "GPT-2: the ln_1, ln_2 and ln_f LayerNorms", GPT2_NORMS, family="text")
+register_preset(
+    "llm",
+    "the preset for the causal LM's family (config.model_type)",
+    family_sites,
+    family="text",
+)

@@ -45,7 +45,7 @@ def optimise(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
     start, elapsed = 0, 0.0
     if path.exists():
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)  # tensors and plain values only
         for key, module in modules.items():
             module.load_state_dict(state[key])
         optimiser.load_state_dict(state["optimiser"])

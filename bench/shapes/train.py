@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from act.files import cache_dir
+
 from .captions import training_caption
 from .model import (
     MODEL_DIR,
@@ -107,7 +109,7 @@ def encode(vae, images: torch.Tensor, work_dir: Path) -> tuple[torch.Tensor, tor
     """Posterior means and standard deviations of all scenes (cached in `work_dir`)."""
     path = work_dir / "latents.pt"
     if path.exists():
-        cached = torch.load(path)
+        cached = torch.load(path, weights_only=True)
         return cached["mean"], cached["std"]
     means, stds = [], []
     for chunk in images.split(256):
@@ -256,7 +258,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=MODEL_DIR, help="pipeline folder")
     parser.add_argument(
-        "--work-dir", type=Path, default=Path("/tmp/act-shapes"), help="checkpoints (resume)"
+        "--work-dir",
+        type=Path,
+        default=cache_dir() / "shapes-training",
+        help="checkpoints, to resume from (default: a folder in the user's cache)",
     )
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     for field, value in asdict(defaults).items():
