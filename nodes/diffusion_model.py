@@ -1,9 +1,12 @@
 """ComfyUI's diffusion model (MODEL patcher): steering through a keyed wrapper, and sampling
 the first denoising calls for collection.
 
-The DIFFUSION_MODEL wrapper registers the hooks when the model runs and removes them in
-`finally`, resolving modules through `executor.class_obj` at run time (so LoRAs and other
-patches applied at load time are seen). The input MODEL is never modified: nodes clone it.
+Both use the APPLY_MODEL wrapper, which `BaseModel.apply_model` runs for every model family
+(the DIFFUSION_MODEL wrapper is skipped by some: SD3, PixArt, HunyuanDiT, Stable Cascade).
+The wrapper registers the hooks when the model runs and removes them on exit, resolving
+modules through `executor.class_obj.diffusion_model` at run time (so LoRAs and other patches
+applied at load time are seen). A steered call in which no steered module ran is an error,
+never a silent no-op. The input MODEL is never modified: nodes clone it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import comfy.patcher_extension
 import comfy.sample
 import torch
 
-from ..act import Transport, steer
+from ..act import ActError, Transport, steer
 from ..act.hooks import check_fingerprint
 from .presets import is_flux
 
@@ -29,8 +32,8 @@ SCHEDULE_STEPS = 20
 
 
 def call_arguments(executor: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The diffusion model's call arguments by name (transformer_options is positional and
-    its index depends on the architecture: UNet 5, FLUX 7)."""
+    """`apply_model`'s call arguments by name: x, t, c_concat, c_crossattn (the text
+    tokens), control, transformer_options, and the model's extra conditions."""
     try:
         return inspect.signature(executor.original).bind_partial(*args, **kwargs).arguments
     except (TypeError, ValueError):
@@ -89,19 +92,41 @@ def steered_model(
         ):
             return executor(*args, **kwargs)
         kinds = list(options.get("cond_or_uncond") or [0])
-        context = arguments.get("context")
-        text_tokens = context.shape[1] if isinstance(context, torch.Tensor) else 0
+        text_tokens = _text_tokens(arguments)
+        diffusion = executor.class_obj.diffusion_model
         with ExitStack() as stack:
-            for singles, part in parts:
-                rows = _row_selector(kinds, positive_only, singles, text_tokens)
-                stack.enter_context(steer(executor.class_obj, part, strength, rows=rows))
-            return executor(*args, **kwargs)
+            steerings = [
+                stack.enter_context(
+                    steer(
+                        diffusion,
+                        part,
+                        strength,
+                        rows=_row_selector(kinds, positive_only, singles, text_tokens),
+                    )
+                )
+                for singles, part in parts
+            ]
+            output = executor(*args, **kwargs)
+        if not any(steering.calls for steering in steerings):
+            raise ActError(
+                f"Apply AcT: the {type(diffusion).__name__} ran, but none of the "
+                f"{len(transport.maps)} modules the transport steers did (e.g. "
+                f"{transport.sites[0]!r}), so nothing was steered; fit the transport on this "
+                "model with layers whose modules run (a 'custom regex' of block outputs)"
+            )
+        return output
 
     steered = model.clone()
     steered.add_wrapper_with_key(
-        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper
+        comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper
     )
     return steered
+
+
+def _text_tokens(arguments: dict[str, Any]) -> int:
+    """Number of text tokens the model is conditioned on (0 without a text context)."""
+    context = arguments.get("c_crossattn")
+    return context.shape[1] if isinstance(context, torch.Tensor) and context.ndim == 3 else 0
 
 
 def _row_selector(
@@ -152,8 +177,7 @@ class FirstSteps:
         arguments = call_arguments(executor, args, kwargs)
         options = arguments.get("transformer_options") or {}
         self.kinds = list(options.get("cond_or_uncond") or [0])
-        context = arguments.get("context")
-        self.text_tokens = context.shape[1] if isinstance(context, torch.Tensor) else 0
+        self.text_tokens = _text_tokens(arguments)
         self.calls += 1
         output = executor(*args, **kwargs)
         if self.calls >= self.steps:
@@ -185,7 +209,7 @@ class FirstSteps:
         """
         sampled = model.clone()
         sampled.add_wrapper_with_key(
-            comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, COLLECTION_KEY, self.wrapper
+            comfy.patcher_extension.WrappersMP.APPLY_MODEL, COLLECTION_KEY, self.wrapper
         )
         latent = comfy.sample.fix_empty_latent_channels(sampled, latent)
         noise = comfy.sample.prepare_noise(latent, seed, indices)

@@ -46,6 +46,14 @@ TINY_FLUX = {
     "theta": 10000, "patch_size": 2, "qkv_bias": True, "txt_ids_dims": [],
 }  # fmt: skip
 
+TINY_SD3 = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 32,
+    "context_embedder_config": {
+        "target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}
+    },
+    "pos_embed_max_size": 64, "pos_embed_scaling_factor": None,
+}  # fmt: skip
+
 
 def comfyui_path() -> Path:
     """The checkout named by COMFYUI_PATH, or skip the calling test."""
@@ -105,7 +113,7 @@ def init_weights(module, seed: int = 0) -> None:
 
 
 def tiny_model(kind: str = "sd15", seed: int = 0):
-    """A MODEL (ModelPatcher) with a tiny SD1.5-config UNet or a tiny FLUX, float32, CPU."""
+    """A MODEL (ModelPatcher) with a tiny SD1.5-config UNet, FLUX or SD3 (MMDiT), float32, CPU."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
@@ -113,6 +121,8 @@ def tiny_model(kind: str = "sd15", seed: int = 0):
 
     if kind == "sd15":
         config = comfy.supported_models.SD15(dict(TINY_SD15_UNET))
+    elif kind == "sd3":
+        config = comfy.supported_models.SD3(dict(TINY_SD3))
     else:
         config = comfy.supported_models.Flux(dict(TINY_FLUX))
     config.set_inference_dtype(torch.float32, None)

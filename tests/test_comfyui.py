@@ -284,6 +284,37 @@ def test_flux_blocks_collect_and_steer_image_tokens(pack):
     assert not torch.allclose(sample(on, *conds, cfg=1.0, size=8), plain, atol=1e-4)
 
 
+def test_sd3_which_skips_the_diffusion_model_wrapper_collects_and_steers(pack):
+    sd3, clip = tiny_model("sd3"), tiny_clip()
+    samples = _collect(pack, sd3, clip, batch_size=2, width=64, height=64)
+    assert any(site.startswith("diffusion_model.joint_blocks.0.") for site in samples.sites)
+    transport = _fit(pack, samples)
+    conds = encode(clip, "a photo of a cat"), encode(clip, "")
+    plain = sample(sd3, *conds, size=8)
+    (off, _) = _apply(pack, transport, model=sd3, strength=0.0)
+    assert torch.equal(sample(off, *conds, size=8), plain)
+    (on, _) = _apply(pack, transport, model=sd3, strength=1.0)
+    assert not torch.allclose(sample(on, *conds, size=8), plain, atol=1e-4)
+    assert not torch.allclose(sample(on, *conds, size=16), sample(sd3, *conds, size=16))
+    assert torch.equal(sample(sd3, *conds, size=8), plain)  # the input MODEL is untouched
+
+
+def test_steering_modules_that_never_run_is_an_error_not_a_silent_no_op(pack, sd15):
+    act = importlib.import_module(f"{PACK}.act")
+    model = tiny_model("sd15", seed=1)
+    model.model.diffusion_model.add_module("unused", torch.nn.LayerNorm(32))
+    samples = {"diffusion_model.unused": torch.randn(8, 32)}
+    target = {"diffusion_model.unused": torch.randn(8, 32) + 1}
+    transport = act.fit_transport(samples, target, support="all")
+    (steered, _) = _apply(pack, transport, model=model, strength=1.0)
+    message = r"none of the 1 modules the transport steers did \(e\.g\. 'unused'\)"
+    with pytest.raises(act.ActError, match=message):
+        sample(steered, *sd15.conds)
+    assert _hooks_left(model.model.diffusion_model) == 0
+    (off, _) = _apply(pack, transport, model=model, strength=0.0)
+    sample(off, *sd15.conds)  # strength 0 steers nothing, so it has nothing to miss
+
+
 def test_strength_sweep_renders_each_strength_from_the_same_noise(pack, sd15):
     latent = {"samples": torch.zeros([1, 4, 16, 16])}
     sweep = pack.nodes["AcTStrengthSweep"].execute(
