@@ -27,6 +27,7 @@ from .fitting import fit_transport
 from .hooks import (
     can_modify_in_place,
     group_by_module,
+    holds_channels,
     pick_output,
     replace_output,
     resolve_module,
@@ -69,7 +70,10 @@ class _CausalFitter:
         recorded = False
         for site, index in self.groups[name]:
             tensor = pick_output(output, index, site)
-            pooled = pooled_sample(site, tensor, batch.attention_mask, batch.rows, batch.select)
+            channels = holds_channels(self.modules[name], tensor)
+            pooled = pooled_sample(
+                site, tensor, batch.attention_mask, batch.rows, batch.select, channels=channels
+            )
             if pooled is not None:
                 self.samples[site][worker] = pooled
                 recorded = True
@@ -97,10 +101,11 @@ class _CausalFitter:
         for site, index in self.groups[name]:
             tensor = pick_output(output, index, site)
             coefficients = self.maps[site].coefficients(1.0).to(tensor.device)
+            channels = holds_channels(self.modules[name], tensor)
             if can_modify_in_place(tensor, self.modules[name], args, kwargs, output):
-                transport_in_place(tensor, coefficients)
+                transport_in_place(tensor, coefficients, channels)
             else:
-                output = replace_output(output, index, transported(tensor, coefficients))
+                output = replace_output(output, index, transported(tensor, coefficients, channels))
         return output
 
     def register(self, hook_factory: Callable[[str], Callable]) -> list:

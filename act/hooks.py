@@ -118,18 +118,44 @@ def _indexed(output: Any, index: int, site: str) -> Any:
     return output[index]
 
 
-def unit_axis(tensor: torch.Tensor) -> int:
-    """Axis holding the units: channels (axis 1) for 4-D/5-D maps, else the last axis."""
-    return 1 if tensor.ndim >= 4 else tensor.ndim - 1
+_LAST_AXIS_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.Linear)
+_LAST_AXIS_SUFFIXES = ("LayerNorm", "RMSNorm")
 
 
-def check_width(tensor: torch.Tensor, units: int, site: str) -> None:
+def holds_channels(module: nn.Module, tensor: torch.Tensor) -> bool:
+    """Whether a module output holds its units on axis 1 (channel maps (B, C, H, W), video
+    (B, C, T, H, W)) rather than on its last axis.
+
+    Only outputs of 4 or more dimensions can be channel maps, and not those of LayerNorm,
+    RMSNorm or Linear, which act on the last axis whatever the rank (attention q/k norms
+    output (B, T, heads, D)).
+    """
+    if tensor.ndim < 4:
+        return False
+    last_axis = isinstance(module, _LAST_AXIS_MODULES) or type(module).__name__.endswith(
+        _LAST_AXIS_SUFFIXES
+    )
+    return not last_axis
+
+
+def unit_axis(tensor: torch.Tensor, channels: bool | None = None) -> int:
+    """Axis holding the units: 1 for channel maps, else the last axis.
+
+    `channels` None guesses from the rank alone (4-D/5-D outputs are channel maps); hooks
+    pass `holds_channels(module, tensor)`.
+    """
+    channels = tensor.ndim >= 4 if channels is None else channels
+    return 1 if channels else tensor.ndim - 1
+
+
+def check_width(tensor: torch.Tensor, units: int, site: str, channels: bool | None = None) -> None:
     """Raise ModelMismatchError if the tensor's unit axis is not `units` wide."""
-    if tensor.ndim < 2 or tensor.shape[unit_axis(tensor)] != units:
+    axis = unit_axis(tensor, channels) if tensor.ndim >= 2 else None
+    if axis is None or tensor.shape[axis] != units:
         raise ModelMismatchError(
             f"module {site!r} outputs shape {tuple(tensor.shape)} (units on axis "
-            f"{unit_axis(tensor) if tensor.ndim >= 2 else '?'}), but the transport has "
-            f"{units} units for it; the transport was fitted on another model"
+            f"{'?' if axis is None else axis}), but the transport has {units} units for it; "
+            "the transport was fitted on another model"
         )
 
 

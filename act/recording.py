@@ -2,7 +2,9 @@
 
 Pooling (as in the paper): token outputs (B, T, D) are averaged over the non-padding tokens of
 an attention mask (over all tokens without one); channel maps (B, C, H, W) over space; (B, D)
-outputs are taken as they are. Only the pooled rows are kept, so memory is O(N * D).
+outputs are taken as they are. Outputs of 4 or more dimensions of last-axis modules
+(LayerNorm, RMSNorm, Linear: e.g. (B, T, heads, D)) are tokens of their last axis. Only the
+pooled rows are kept, so memory is O(N * D).
 """
 
 from __future__ import annotations
@@ -14,13 +16,21 @@ import torch
 from torch import nn
 
 from .errors import ActError
-from .hooks import group_by_module, pick_output, resolve_module
+from .hooks import group_by_module, holds_channels, pick_output, resolve_module
 
 
-def pool(tensor: torch.Tensor, attention_mask: torch.Tensor | None, site: str) -> torch.Tensor:
-    """Pool a module output to (B, D) float32 (see the module docstring)."""
-    if tensor.ndim >= 4:
+def pool(
+    tensor: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    site: str,
+    channels: bool | None = None,
+) -> torch.Tensor:
+    """Pool a module output to (B, D) float32 (see the module docstring); `channels` says
+    whether a 4-D/5-D output holds channels on axis 1 (None: it does)."""
+    if tensor.ndim >= 4 and (channels is None or channels):
         return tensor.mean(dim=tuple(range(2, tensor.ndim)), dtype=torch.float32)
+    if tensor.ndim >= 4:
+        tensor = tensor.flatten(1, -2)
     if tensor.ndim == 2:
         return tensor.float()
     if tensor.ndim != 3:
@@ -49,6 +59,7 @@ def pooled_sample(
     attention_mask: torch.Tensor | None = None,
     rows: slice | None = None,
     select: Selector | None = None,
+    channels: bool | None = None,
 ) -> torch.Tensor | None:
     """Pool one module output to (B', D) float32 on the CPU, or None when `select` skips it.
 
@@ -64,7 +75,7 @@ def pooled_sample(
     elif rows is not None:
         tensor = tensor[rows]
         attention_mask = None if attention_mask is None else attention_mask[rows]
-    return pool(tensor, attention_mask, site).cpu()
+    return pool(tensor, attention_mask, site, channels).cpu()
 
 
 class Recorder:
@@ -96,15 +107,20 @@ class Recorder:
     def _hook(self, entries: list[tuple[str, int | None]]):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             for site, index in entries:
-                pooled = self.pool(pick_output(output, index, site), site)
+                tensor = pick_output(output, index, site)
+                pooled = self.pool(tensor, site, holds_channels(module, tensor))
                 if pooled is not None:
                     self._rows[site].append(pooled)
 
         return hook
 
-    def pool(self, tensor: torch.Tensor, site: str) -> torch.Tensor | None:
+    def pool(
+        self, tensor: torch.Tensor, site: str, channels: bool | None = None
+    ) -> torch.Tensor | None:
         """Pool one output with the current mask, rows or selector (None: skipped)."""
-        pooled = pooled_sample(site, tensor, self.attention_mask, self.rows, self.select)
+        pooled = pooled_sample(
+            site, tensor, self.attention_mask, self.rows, self.select, channels=channels
+        )
         if pooled is None:
             return None
         previous = self._rows[site]

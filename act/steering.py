@@ -1,6 +1,8 @@
 """Steering a torch model: forward hooks that transport module outputs at a given strength.
 
-Token-shaped outputs (..., D) get the element-wise map `a + s(T(a) - a)` on the support.
+Token-shaped outputs (..., D) get the element-wise map `a + s(T(a) - a)` on the support;
+so do outputs of 4 or more dimensions of LayerNorm, RMSNorm and Linear (e.g. attention q/k
+norms, (B, T, heads, D)), whose units are on the last axis (see `act.hooks.holds_channels`).
 Channel maps (B, C, H, W) get every pixel of a channel shifted by `T_s(m) - m`, m the channel's
 spatial mean (gated on m being inside the support), as in the reference implementation.
 """
@@ -20,6 +22,7 @@ from .hooks import (
     check_fingerprint,
     check_width,
     group_by_module,
+    holds_channels,
     pick_output,
     replace_output,
     resolve_module,
@@ -30,14 +33,19 @@ from .transport import Transport
 RowSelector = Callable[[int], Sequence[slice] | None]
 
 
-def transport_in_place(tensor: torch.Tensor, coefficients: Coefficients) -> None:
+def transport_in_place(
+    tensor: torch.Tensor, coefficients: Coefficients, channels: bool | None = None
+) -> None:
     """Apply coefficients to `tensor` **in place**, computing in float32 (no autograd).
+
+    `channels`: whether a 4-D/5-D tensor is a channel map (None: it is); otherwise the map
+    applies element-wise along the last axis.
 
     The support gate uses float 0/1 masks (`a + mask * (T_s(a) - a)`): on CPUs, comparisons
     and selects through bool tensors cost several times more than float arithmetic.
     """
     scale, shift = coefficients.scale, coefficients.shift
-    if tensor.ndim >= 4:
+    if tensor.ndim >= 4 and (channels is None or channels):
         tensor.add_(_channel_shift(tensor, coefficients).to(tensor.dtype))
         return
     work = tensor if tensor.dtype == torch.float32 else tensor.float()
@@ -53,9 +61,11 @@ def transport_in_place(tensor: torch.Tensor, coefficients: Coefficients) -> None
         tensor.copy_(work)
 
 
-def transported(tensor: torch.Tensor, coefficients: Coefficients) -> torch.Tensor:
+def transported(
+    tensor: torch.Tensor, coefficients: Coefficients, channels: bool | None = None
+) -> torch.Tensor:
     """Out-of-place version of `transport_in_place` (differentiable)."""
-    if tensor.ndim >= 4:
+    if tensor.ndim >= 4 and (channels is None or channels):
         return tensor + _channel_shift(tensor, coefficients).to(tensor.dtype)
     moved = (tensor.float() * coefficients.scale + coefficients.shift).to(tensor.dtype)
     if not coefficients.bounded:
@@ -173,18 +183,20 @@ class _ModuleHook:
         steering.calls += 1
         for site, index, module_map in self.sites:
             tensor = pick_output(output, index, site)
-            check_width(tensor, module_map.units, site)
+            channels = holds_channels(module, tensor)
+            check_width(tensor, module_map.units, site, channels)
             coefficients = steering.coefficients(site, module_map, tensor.device)
             selected = None if steering.rows is None else steering.rows(tensor.shape[0])
             if can_modify_in_place(tensor, module, args, kwargs, output):
                 for region in [tensor] if selected is None else [tensor[r] for r in selected]:
-                    transport_in_place(region, coefficients)
+                    transport_in_place(region, coefficients, channels)
             elif selected is None:
-                output = replace_output(output, index, transported(tensor, coefficients))
+                moved = transported(tensor, coefficients, channels)
+                output = replace_output(output, index, moved)
             else:
                 tensor = tensor.clone()
                 for rows in selected:
-                    tensor[rows] = transported(tensor[rows], coefficients)
+                    tensor[rows] = transported(tensor[rows], coefficients, channels)
                 output = replace_output(output, index, tensor)
         return output
 

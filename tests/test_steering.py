@@ -5,7 +5,7 @@ import torch
 from helpers import ConvNet, Pair, Stack, random_map
 from torch import nn
 
-from act import ActError, ModelMismatchError, ModuleMap, Transport, steer
+from act import ActError, Batch, ModelMismatchError, ModuleMap, Transport, collect, steer
 
 
 def _transport(maps: dict[str, ModuleMap], **kwargs) -> Transport:
@@ -235,3 +235,29 @@ def test_rows_and_active_restrict_where_and_when_steering_applies():
         assert torch.equal(model(x), plain)
         enabled["on"] = True
         assert not torch.equal(model(x), plain)
+
+
+class HeadNorm(nn.Module):
+    """Attention q/k norms: a LayerNorm over the head dimension of (B, T, heads, D)."""
+
+    def __init__(self, heads: int = 3, head_dim: int = 4) -> None:
+        super().__init__()
+        self.heads, self.norm = heads, nn.LayerNorm(head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.view(*x.shape[:2], self.heads, -1))
+
+
+def test_four_dimensional_outputs_of_last_axis_modules_map_their_last_axis():
+    model = HeadNorm()
+    batches = [
+        Batch(lambda: model(torch.randn(5, 7, 12)), "source"),
+        Batch(lambda: model(torch.randn(5, 7, 12) * 2 + 1), "target"),
+    ]
+    transport = collect(model, ["norm"], batches).fit(support="all")
+    assert transport.maps["norm"].units == 4  # the head dimension, not the 7 tokens
+    inputs = torch.randn(2, 11, 12)  # another number of tokens ("another resolution")
+    plain = model(inputs)
+    with torch.no_grad(), steer(model, transport):
+        steered = model(inputs)
+    assert torch.allclose(steered, transport.maps["norm"].apply(plain), atol=1e-6)
