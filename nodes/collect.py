@@ -18,6 +18,14 @@ from .types import CATEGORY, Samples
 SUPPORTS = ["range", "all", "q01", "q05", "q10"]
 
 
+def _sites_summary(sites: list[str], shown: int = 3) -> str:
+    """The first and last sites, e.g. "joint_blocks.0:0, joint_blocks.0:1, … joint_blocks.23:1"."""
+    names = [site.split(".", 1)[1] for site in sites]
+    if len(names) <= 2 * shown:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])}, … {', '.join(names[-shown:])} ({len(names)} in all)"
+
+
 class CollectActivations(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -63,7 +71,7 @@ class CollectActivations(io.ComfyNode):
                     "layers",
                     options=LAYER_CHOICES,
                     default="auto",
-                    tooltip="auto: all norm layers of UNets and text encoders, the block outputs of FLUX. 'layer norms only' can be baked.",
+                    tooltip="auto: all norm layers of UNets (SD1.5, SDXL) and text encoders; both streams of FLUX's double blocks and the first half of its single blocks; the outputs of every block of other DiTs (SD3, Qwen-Image, Lumina2, Wan, ...), found by a short dry run. The node's text lists what was chosen. 'layer norms only' can be baked.",
                 ),
                 io.String.Input(
                     "layer_regex",
@@ -148,7 +156,7 @@ class CollectActivations(io.ComfyNode):
             "source": parse_prompts(source_prompts, "source_prompts"),
             "target": parse_prompts(target_prompts, "target_prompts"),
         }
-        root, sites = collection_root(model, clip, where, layers, layer_regex)
+        root, sites = collection_root(model, clip, where, layers, layer_regex, (width, height))
         if causal and where != "diffusion model":
             batch_size = 1  # text-encoder modules run once per prompt
         batches = collection_batches(
@@ -180,5 +188,8 @@ class CollectActivations(io.ComfyNode):
             info={"source_prompts": prompts["source"], "target_prompts": prompts["target"]},
         )
         samples.model_class = describe_models(model, clip, where)
-        summary = f"{samples.summary()} in {time.perf_counter() - start:.1f} s"
+        summary = (
+            f"{samples.model_class}: {samples.summary()} in {time.perf_counter() - start:.1f} s"
+            f"\nlayers ({layers}): {_sites_summary(sites)}"
+        )
         return io.NodeOutput(samples, ui=ui.PreviewText(summary))

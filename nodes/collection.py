@@ -23,9 +23,18 @@ WHERE = ["diffusion model", "text encoder", "both"]
 
 
 def collection_root(
-    model: Any, clip: Any, where: str, layers: str, regex: str
+    model: Any,
+    clip: Any,
+    where: str,
+    layers: str,
+    regex: str,
+    probe_size: tuple[int, int] = (256, 256),
 ) -> tuple[nn.ModuleDict, list[str]]:
-    """The loaded modules to collect from, and the sites (prefixed by part)."""
+    """The loaded modules to collect from, and the sites (prefixed by part).
+
+    A DiT's "auto" sites come from a dry run: one denoising call at `probe_size` (width,
+    height) pixels with an empty prompt.
+    """
     if where not in WHERE:
         raise ActError(f"unknown 'where' {where!r}; choose one of {WHERE}")
     if clip is None:
@@ -39,12 +48,53 @@ def collection_root(
     if where in ("text encoder", "both"):
         comfy.model_management.load_model_gpu(clip.patcher)
         parts[text_encoder.PREFIX] = clip.cond_stage_model
+    probes = {
+        diffusion_model.PREFIX: lambda blocks: token_block_sites(model, clip, blocks, probe_size)
+    }
     sites = [
         f"{prefix}.{site}"
         for prefix, part in parts.items()
-        for site in resolve_layers(part, layers, regex)
+        for site in resolve_layers(part, layers, regex, probes.get(prefix))
     ]
     return nn.ModuleDict(parts), sites
+
+
+def token_block_sites(model: Any, clip: Any, blocks: list[str], size: tuple[int, int]) -> list[str]:
+    """The sites among `blocks` that output (batch, tokens, width) tensors when the model
+    runs: `name` for a tensor, `name:i` for each such element of a tuple (streams); blocks
+    that do not run are dropped. **Runs** one denoising call of `model` (a dry run)."""
+    root = model.model.diffusion_model
+    found: dict[str, list[int | None]] = {}
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                streams: list[int | None] = [None] if _is_tokens(output) else []
+            else:
+                streams = [i for i, item in enumerate(output) if _is_tokens(item)]
+            found.setdefault(name, streams)
+
+        return hook
+
+    handles = [root.get_submodule(name).register_forward_hook(recorder(name)) for name in blocks]
+    try:
+        empty = text_encoder.encode_tokens(clip, clip.tokenize(""))
+        conditioning = text_encoder.batch_conditioning([empty])
+        latent = collection_latent(model, 1, *size)
+        steps = diffusion_model.FirstSteps(1)
+        steps.sample(model, conditioning, conditioning, latent, 0, [0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [
+        name if index is None else f"{name}:{index}"
+        for name in blocks
+        for index in found.get(name, [])
+    ]
+
+
+def _is_tokens(item: Any) -> bool:
+    return isinstance(item, torch.Tensor) and item.ndim == 3
 
 
 def describe_models(model: Any, clip: Any, where: str) -> str:
@@ -86,6 +136,22 @@ def collection_batches(
             batches.append(Batch(batch.run, label, select=batch.select))
             first += len(chunk)
     return batches
+
+
+def collection_latent(model: Any, batch: int, width: int, height: int) -> torch.Tensor:
+    """An empty latent of `width` x `height` pixels in the model's own latent format: its
+    channels and spatial downscale (8 for SD/FLUX.1, 16 for FLUX.2 and Wan 2.2 5B, 32 for
+    HunyuanImage 2.1), one frame for video models."""
+    latent_format = model.get_model_object("latent_format")
+    ratio = int(getattr(latent_format, "spacial_downscale_ratio", 8))
+    dimensions = int(getattr(latent_format, "latent_dimensions", 2))
+    if dimensions not in (2, 3):
+        raise ActError(
+            f"{type(model.model).__name__} makes {dimensions}-D latents (audio?); collection "
+            "needs an image or video model"
+        )
+    shape = [batch, latent_format.latent_channels, max(1, height // ratio), max(1, width // ratio)]
+    return torch.zeros(shape if dimensions == 2 else [*shape[:2], 1, *shape[2:]])
 
 
 def _chunks(clip: Any, texts: list[str], size: int) -> list[list[str]]:
@@ -139,7 +205,7 @@ class _BatchRun:
         negative = text_encoder.batch_conditioning(
             [text_encoder.encode_tokens(self.clip, self.clip.tokenize(""))]
         )
-        latent = torch.zeros([len(self.prompts), 4, self.height // 8, self.width // 8])
+        latent = collection_latent(self.model, len(self.prompts), self.width, self.height)
         self.steps.sample(self.model, positive, negative, latent, self.seed, self.indices)
 
     def select(self, site: str, tensor: torch.Tensor) -> tuple[torch.Tensor, Any] | None:

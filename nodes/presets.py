@@ -1,4 +1,14 @@
-"""Which modules of ComfyUI's models to transport, by architecture (SD1.x/2.x, SDXL, FLUX).
+"""Which modules of ComfyUI's models to transport, by architecture.
+
+"auto" follows the paper: every normalization layer of UNets (SD1.x/2.x, SDXL) and text
+encoders; for FLUX-style models (double + single stream blocks: FLUX.1/2, Chroma,
+HunyuanImage) both streams of the double blocks and the first half of the single blocks; for
+other DiTs (SD3 `joint_blocks`, Qwen-Image `transformer_blocks`, Lumina2/Z-Image `layers`,
+Wan/PixArt/HunyuanDiT `blocks`, AuraFlow `double_layers`/`single_layers`, HiDream
+`double_stream_blocks`/`single_stream_blocks`) the outputs of every block, each token stream
+of a multi-stream block, found by a dry run of the model (a block that does not run, or a
+stream that is not a (batch, tokens, width) tensor, is dropped). Attention q/k norms are never
+chosen: models fuse them into their attention, so the modules may never run.
 
 Module names are ComfyUI's own (`input_blocks.1.1.transformer_blocks.0.norm1`,
 `double_blocks.3`, `clip_l.transformer.text_model.encoder.layers.0.layer_norm1`), which differ
@@ -7,12 +17,28 @@ from diffusers' names.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 from torch import nn
 
 from ..act import ActError, select_modules
 from ..act.selection import layer_norm_sites, norm_sites
 
 LAYER_CHOICES = ["auto", "all norm layers", "layer norms only", "custom regex"]
+BLOCK_LISTS = (
+    "joint_blocks",
+    "double_layers",
+    "single_layers",
+    "double_stream_blocks",
+    "single_stream_blocks",
+    "transformer_blocks",
+    "layers",
+    "blocks",
+)
+ATTENTION_NORMS = re.compile(r"(^|.*\.)(q_norm|k_norm|norm_q|norm_k|norm_added_q|norm_added_k)$")
+# A dry run of the model: block module names -> the sites among them that produce tokens.
+Probe = Callable[[list[str]], list[str]]
 
 
 def is_flux(diffusion_model: nn.Module) -> bool:
@@ -33,12 +59,34 @@ def flux_sites(diffusion_model: nn.Module) -> list[str]:
     ]
 
 
-def resolve_layers(model: nn.Module, layers: str, regex: str) -> list[str]:
+def is_unet(diffusion_model: nn.Module) -> bool:
+    """Whether a ComfyUI diffusion model is a UNet (input, middle and output blocks)."""
+    return hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks")
+
+
+def block_modules(diffusion_model: nn.Module) -> list[str]:
+    """The transformer blocks of a DiT: every module in its top-level block lists."""
+    return [
+        f"{name}.{index}"
+        for name in BLOCK_LISTS
+        if isinstance(getattr(diffusion_model, name, None), nn.ModuleList)
+        for index in range(len(getattr(diffusion_model, name)))
+    ]
+
+
+def norms_without_attention_norms(model: nn.Module) -> list[str]:
+    """Every normalization layer except attention q/k norms."""
+    return [site for site in norm_sites(model) if not ATTENTION_NORMS.match(site)]
+
+
+def resolve_layers(
+    model: nn.Module, layers: str, regex: str, probe: Probe | None = None
+) -> list[str]:
     """Sites of a diffusion model or text encoder for a `layers` choice.
 
-    "auto" is the paper's choice: all normalization layers for UNets and text encoders, the
-    block outputs for FLUX; "custom regex" takes one full-match pattern per line (append
-    `:N` for element N of a tuple output).
+    "auto" is the paper's choice (see the module docstring); for a DiT's blocks it calls
+    `probe`, a dry run of the model, when one is given. "custom regex" takes one full-match
+    pattern per line (append `:N` for element N of a tuple output).
     """
     if layers == "custom regex":
         patterns = [line.strip() for line in (regex or "").splitlines() if line.strip()]
@@ -47,7 +95,19 @@ def resolve_layers(model: nn.Module, layers: str, regex: str) -> list[str]:
         return select_modules(model, patterns)
     if layers == "auto" and is_flux(model):
         return flux_sites(model)
-    if layers in ("auto", "all norm layers"):
+    blocks = [] if is_unet(model) or probe is None else block_modules(model)
+    if layers == "auto" and blocks:
+        sites = probe(blocks)
+        if not sites:
+            raise ActError(
+                f"a dry run of the {type(model).__name__} found no block that outputs tokens "
+                f"among {blocks[0]!r}…{blocks[-1]!r}; choose 'custom regex' and name the "
+                r"modules to steer (e.g. 'blocks\.\d+')"
+            )
+        return sites
+    if layers == "auto":
+        sites = norms_without_attention_norms(model)
+    elif layers == "all norm layers":
         sites = norm_sites(model)
     elif layers == "layer norms only":
         sites = layer_norm_sites(model)

@@ -287,7 +287,12 @@ def test_flux_blocks_collect_and_steer_image_tokens(pack):
 def test_sd3_which_skips_the_diffusion_model_wrapper_collects_and_steers(pack):
     sd3, clip = tiny_model("sd3"), tiny_clip()
     samples = _collect(pack, sd3, clip, batch_size=2, width=64, height=64)
-    assert any(site.startswith("diffusion_model.joint_blocks.0.") for site in samples.sites)
+    # both streams of every joint block; the last block updates no text stream (None)
+    assert samples.sites == [
+        "diffusion_model.joint_blocks.0:0",
+        "diffusion_model.joint_blocks.0:1",
+        "diffusion_model.joint_blocks.1:1",
+    ]
     transport = _fit(pack, samples)
     conds = encode(clip, "a photo of a cat"), encode(clip, "")
     plain = sample(sd3, *conds, size=8)

@@ -1,11 +1,13 @@
 """Pure helpers of the node pack, tested without ComfyUI."""
 
 import importlib
+import shutil
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from comfy_support import PACK, load_pack
+from comfy_support import PACK, comfyui_path, load_pack, start_comfy, temporary_base
 from torch import nn
 
 
@@ -17,6 +19,20 @@ def helpers():
         presets=importlib.import_module(f"{PACK}.nodes.presets"),
         text=importlib.import_module(f"{PACK}.nodes.text_encoder"),
     )
+
+
+@pytest.fixture(scope="module")
+def collection():
+    """nodes.collection, which imports ComfyUI (so this needs COMFYUI_PATH); ComfyUI starts
+    once per process, so an earlier test module's start is reused."""
+    comfyui_path()
+    base = None if "folder_paths" in sys.modules else temporary_base()
+    if base is not None:
+        start_comfy(base)
+    load_pack()
+    yield importlib.import_module(f"{PACK}.nodes.collection")
+    if base is not None:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_prompts_are_lines_without_blanks_and_comments(helpers):
@@ -80,3 +96,23 @@ def test_real_tokens_run_up_to_the_first_end_token(helpers):
     assert torch.equal(masks["l"], torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]]))
     embedded = {"l": [[(8, 1.0), (torch.zeros(3), 1.0), (9, 1.0)]]}
     assert text.real_token_masks(clip, embedded)["l"].tolist() == [[1.0, 1.0, 1.0]]
+
+
+@pytest.mark.parametrize(
+    ("channels", "ratio", "dimensions", "shape"),
+    [
+        (4, 8, 2, (3, 4, 16, 8)),  # SD1.5 / SDXL at 64 x 128 pixels
+        (128, 16, 2, (3, 128, 8, 4)),  # FLUX.2
+        (48, 16, 3, (3, 48, 1, 8, 4)),  # Wan 2.2 5B: one frame
+        (64, 32, 2, (3, 64, 4, 2)),  # HunyuanImage 2.1
+    ],
+)
+def test_the_collection_latent_follows_the_models_latent_format(
+    collection, channels, ratio, dimensions, shape
+):
+    latent_format = SimpleNamespace(
+        latent_channels=channels, spacial_downscale_ratio=ratio, latent_dimensions=dimensions
+    )
+    model = SimpleNamespace(get_model_object=lambda name: latent_format, model=nn.Identity())
+    latent = collection.collection_latent(model, 3, width=64, height=128)
+    assert tuple(latent.shape) == shape and not latent.any()
