@@ -169,6 +169,7 @@ class CollectActivations(io.ComfyNode):
             width=width,
             height=height,
             steps=steps,
+            sites=sites,
         )
         progress = comfy.utils.ProgressBar(len(sites) if causal else len(batches))
 

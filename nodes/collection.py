@@ -9,6 +9,7 @@ denoising calls are done, pooling only their positive rows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import comfy.model_management
@@ -119,16 +120,22 @@ def collection_batches(
     width: int,
     height: int,
     steps: int,
+    sites: Sequence[str] = (),
 ) -> list[Batch]:
-    """One `act.Batch` per chunk of prompts of equal token length, sources first."""
+    """One `act.Batch` per chunk of prompts of equal token length, sources first.
+
+    `sites` (prefixed by part) tell which single-stream blocks need their token split.
+    """
     diffusion = where in ("diffusion model", "both")
     text = where in ("text encoder", "both")
     flux = diffusion and is_flux(model.model.diffusion_model)
+    prefix = f"{diffusion_model.PREFIX}."
+    denoiser_sites = [site[len(prefix) :] for site in sites if site.startswith(prefix)]
     batches = []
     for label, texts in prompts.items():
         first = 0
         for chunk in _chunks(clip, texts, batch_size):
-            steps_run = diffusion_model.FirstSteps(steps) if diffusion else None
+            steps_run = diffusion_model.FirstSteps(steps, denoiser_sites) if diffusion else None
             indices = list(range(first, first + len(chunk)))
             batch = _BatchRun(
                 model, clip, chunk, text, flux, steps_run, (seed, width, height), indices

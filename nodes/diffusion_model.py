@@ -20,9 +20,10 @@ from typing import Any
 import comfy.patcher_extension
 import comfy.sample
 import torch
+from torch import nn
 
 from ..act import ActError, Transport, steer
-from ..act.hooks import check_fingerprint
+from ..act.hooks import check_fingerprint, split_site
 from .presets import is_flux
 
 PREFIX = "diffusion_model"
@@ -52,9 +53,33 @@ def is_single_block(site: str) -> bool:
     return site.startswith("single_blocks.")
 
 
-def image_token_rows(rows: list[slice], text_tokens: int) -> list[tuple[slice, slice]]:
-    """Index expressions keeping only the image tokens (after the text tokens) of `rows`."""
-    return [(r, slice(text_tokens, None)) for r in rows]
+def image_token_rows(rows: list[slice], image: slice) -> list[tuple[slice, slice]]:
+    """Index expressions keeping only the image tokens (`image`, on the token axis) of `rows`."""
+    return [(r, image) for r in rows]
+
+
+class TokenSplit:
+    """Where the image tokens of single-stream blocks are, as the model says it.
+
+    FLUX-style models put `img_slice = [text tokens, image tokens]` in the transformer options
+    they pass to every single block: a pre-hook on those blocks reads it, so extra text
+    tokens (HunyuanImage's glyph tokens) are never taken for image tokens. Without it, the
+    image tokens are those after the text context's tokens.
+    """
+
+    def __init__(self, text_tokens: int) -> None:
+        self.image = slice(text_tokens, None)
+
+    def read(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        split = (kwargs.get("transformer_options") or {}).get("img_slice")
+        if isinstance(split, list | tuple) and len(split) == 2:
+            self.image = slice(int(split[0]), int(split[0]) + int(split[1]))
+
+    def attach(self, root: nn.Module, sites: list[str], stack: ExitStack) -> None:
+        """Pre-hooks on the single blocks among `sites`, removed when `stack` closes."""
+        for name in dict.fromkeys(split_site(site)[0] for site in sites if is_single_block(site)):
+            handle = root.get_submodule(name).register_forward_pre_hook(self.read, with_kwargs=True)
+            stack.callback(handle.remove)
 
 
 def steered_model(
@@ -92,16 +117,17 @@ def steered_model(
         ):
             return executor(*args, **kwargs)
         kinds = list(options.get("cond_or_uncond") or [0])
-        text_tokens = _text_tokens(arguments)
+        split = TokenSplit(_text_tokens(arguments))
         diffusion = executor.class_obj.diffusion_model
         with ExitStack() as stack:
+            split.attach(diffusion, transport.sites, stack)
             steerings = [
                 stack.enter_context(
                     steer(
                         diffusion,
                         part,
                         strength,
-                        rows=_row_selector(kinds, positive_only, singles, text_tokens),
+                        rows=_row_selector(kinds, positive_only, singles, split),
                     )
                 )
                 for singles, part in parts
@@ -130,14 +156,14 @@ def _text_tokens(arguments: dict[str, Any]) -> int:
 
 
 def _row_selector(
-    kinds: list[int], positive_only: bool, singles: bool, text_tokens: int
+    kinds: list[int], positive_only: bool, singles: bool, split: TokenSplit
 ) -> Callable[[int], list] | None:
     if not positive_only and not singles:
         return None
 
     def rows(batch: int) -> list:
         chosen = positive_rows(kinds, batch) if positive_only else [slice(None)]
-        return image_token_rows(chosen, text_tokens) if singles else chosen
+        return image_token_rows(chosen, split.image) if singles else chosen
 
     return rows
 
@@ -163,11 +189,12 @@ class FirstSteps:
     class Stop(Exception):
         """Ends sampling once the recorded steps are done."""
 
-    def __init__(self, steps: int) -> None:
+    def __init__(self, steps: int, sites: list[str] | None = None) -> None:
         self.steps = steps
+        self.sites = list(sites or [])
         self.calls = 0
         self.kinds: list[int] = [0]
-        self.text_tokens = 0
+        self.split = TokenSplit(0)
 
     @property
     def recording(self) -> bool:
@@ -177,9 +204,11 @@ class FirstSteps:
         arguments = call_arguments(executor, args, kwargs)
         options = arguments.get("transformer_options") or {}
         self.kinds = list(options.get("cond_or_uncond") or [0])
-        self.text_tokens = _text_tokens(arguments)
+        self.split = TokenSplit(_text_tokens(arguments))
         self.calls += 1
-        output = executor(*args, **kwargs)
+        with ExitStack() as stack:
+            self.split.attach(executor.class_obj.diffusion_model, self.sites, stack)
+            output = executor(*args, **kwargs)
         if self.calls >= self.steps:
             raise FirstSteps.Stop
         return output
@@ -190,7 +219,7 @@ class FirstSteps:
             return None
         rows: list[Any] = positive_rows(self.kinds, tensor.shape[0])
         if flux and is_single_block(site):
-            rows = image_token_rows(rows, self.text_tokens)
+            rows = image_token_rows(rows, self.split.image)
         return torch.cat([tensor[index] for index in rows])
 
     def sample(

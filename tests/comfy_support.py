@@ -54,6 +54,19 @@ TINY_SD3 = {
     "pos_embed_max_size": 64, "pos_embed_scaling_factor": None,
 }  # fmt: skip
 
+TINY_WAN = {
+    "image_model": "wan2.1", "model_type": "t2v", "in_dim": 16, "out_dim": 16, "dim": 64,
+    "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "num_heads": 2, "num_layers": 2,
+    "text_len": 77,
+}  # fmt: skip
+
+TINY_LUMINA2 = {
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 2,
+    "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "multiple_of": 16,
+    "ffn_dim_multiplier": 2.0, "qk_norm": True, "cap_feat_dim": 32, "axes_dims": [8, 12, 12],
+    "axes_lens": [300, 64, 64],
+}  # fmt: skip
+
 
 def comfyui_path() -> Path:
     """The checkout named by COMFYUI_PATH, or skip the calling test."""
@@ -113,7 +126,8 @@ def init_weights(module, seed: int = 0) -> None:
 
 
 def tiny_model(kind: str = "sd15", seed: int = 0):
-    """A MODEL (ModelPatcher) with a tiny SD1.5-config UNet, FLUX or SD3 (MMDiT), float32, CPU."""
+    """A MODEL (ModelPatcher) with a tiny SD1.5-config UNet, FLUX, SD3 (MMDiT), Wan 2.1 (video
+    DiT) or Lumina2 (NextDiT, as Z-Image), float32, CPU."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
@@ -123,6 +137,10 @@ def tiny_model(kind: str = "sd15", seed: int = 0):
         config = comfy.supported_models.SD15(dict(TINY_SD15_UNET))
     elif kind == "sd3":
         config = comfy.supported_models.SD3(dict(TINY_SD3))
+    elif kind == "wan":
+        config = comfy.supported_models.WAN21_T2V(dict(TINY_WAN))
+    elif kind == "lumina2":
+        config = comfy.supported_models.Lumina2(dict(TINY_LUMINA2))
     else:
         config = comfy.supported_models.Flux(dict(TINY_FLUX))
     config.set_inference_dtype(torch.float32, None)

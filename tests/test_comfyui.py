@@ -284,24 +284,31 @@ def test_flux_blocks_collect_and_steer_image_tokens(pack):
     assert not torch.allclose(sample(on, *conds, cfg=1.0, size=8), plain, atol=1e-4)
 
 
-def test_sd3_which_skips_the_diffusion_model_wrapper_collects_and_steers(pack):
-    sd3, clip = tiny_model("sd3"), tiny_clip()
-    samples = _collect(pack, sd3, clip, batch_size=2, width=64, height=64)
-    # both streams of every joint block; the last block updates no text stream (None)
-    assert samples.sites == [
-        "diffusion_model.joint_blocks.0:0",
-        "diffusion_model.joint_blocks.0:1",
-        "diffusion_model.joint_blocks.1:1",
-    ]
-    transport = _fit(pack, samples)
+@pytest.mark.parametrize(
+    ("kind", "sites"),
+    [
+        # SD3 skips the DIFFUSION_MODEL wrapper; both streams of every joint block, but the
+        # last block updates no text stream (it returns None there)
+        ("sd3", ["joint_blocks.0:0", "joint_blocks.0:1", "joint_blocks.1:1"]),
+        ("wan", ["blocks.0", "blocks.1"]),  # a video DiT: one frame, (B, C, T, H, W) latents
+        # Lumina2 / Z-Image: the main layers (not the refiners), never the fused q/k norms
+        ("lumina2", ["layers.0", "layers.1"]),
+    ],
+)
+def test_dits_collect_their_block_outputs_and_steer(pack, kind, sites):
+    model, clip = tiny_model(kind), tiny_clip()
+    samples = _collect(pack, model, clip, batch_size=2, width=64, height=64)
+    assert samples.sites == [f"diffusion_model.{site}" for site in sites]
+    transport = _fit(pack, samples, support="all")
     conds = encode(clip, "a photo of a cat"), encode(clip, "")
-    plain = sample(sd3, *conds, size=8)
-    (off, _) = _apply(pack, transport, model=sd3, strength=0.0)
+    plain = sample(model, *conds, size=8)
+    (off, _) = _apply(pack, transport, model=model, strength=0.0)
     assert torch.equal(sample(off, *conds, size=8), plain)
-    (on, _) = _apply(pack, transport, model=sd3, strength=1.0)
+    (on, _) = _apply(pack, transport, model=model, strength=1.0)
     assert not torch.allclose(sample(on, *conds, size=8), plain, atol=1e-4)
-    assert not torch.allclose(sample(on, *conds, size=16), sample(sd3, *conds, size=16))
-    assert torch.equal(sample(sd3, *conds, size=8), plain)  # the input MODEL is untouched
+    assert not torch.allclose(sample(on, *conds, size=16), sample(model, *conds, size=16))
+    assert torch.equal(sample(model, *conds, size=8), plain)  # the input MODEL is untouched
+    assert _hooks_left(model.model.diffusion_model) == 0
 
 
 def test_steering_modules_that_never_run_is_an_error_not_a_silent_no_op(pack, sd15):

@@ -30,7 +30,10 @@ def collection():
     if base is not None:
         start_comfy(base)
     load_pack()
-    yield importlib.import_module(f"{PACK}.nodes.collection")
+    yield SimpleNamespace(
+        collection=importlib.import_module(f"{PACK}.nodes.collection"),
+        diffusion=importlib.import_module(f"{PACK}.nodes.diffusion_model"),
+    )
     if base is not None:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -114,5 +117,36 @@ def test_the_collection_latent_follows_the_models_latent_format(
         latent_channels=channels, spacial_downscale_ratio=ratio, latent_dimensions=dimensions
     )
     model = SimpleNamespace(get_model_object=lambda name: latent_format, model=nn.Identity())
-    latent = collection.collection_latent(model, 3, width=64, height=128)
+    latent = collection.collection.collection_latent(model, 3, width=64, height=128)
     assert tuple(latent.shape) == shape and not latent.any()
+
+
+def test_single_blocks_take_their_image_tokens_from_the_models_img_slice(collection):
+    from contextlib import ExitStack
+
+    class Block(nn.Module):
+        def forward(self, x, transformer_options):
+            return x
+
+    class Singles(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.single_blocks = nn.ModuleList([Block(), Block()])
+            self.double_blocks = nn.ModuleList([Block()])
+
+        def forward(self, x, transformer_options):
+            for block in self.single_blocks:
+                x = block(x, transformer_options=transformer_options)
+            return x
+
+    split = collection.diffusion.TokenSplit(text_tokens=4)
+    assert split.image == slice(4, None)  # without img_slice: after the text context
+    model = Singles()
+    with ExitStack() as stack:
+        split.attach(model, ["single_blocks.1", "double_blocks.0:0"], stack)
+        assert len(model.single_blocks[1]._forward_pre_hooks) == 1
+        assert not model.single_blocks[0]._forward_pre_hooks
+        # HunyuanImage: 4 prompt tokens + 3 glyph tokens before 9 image tokens, 2 after
+        model(torch.zeros(1, 18, 2), transformer_options={"img_slice": [7, 9]})
+    assert split.image == slice(7, 16)
+    assert not model.single_blocks[1]._forward_pre_hooks
