@@ -8,7 +8,8 @@ Wan/PixArt/HunyuanDiT `blocks`, AuraFlow `double_layers`/`single_layers`, HiDrea
 `double_stream_blocks`/`single_stream_blocks`) the outputs of every block, each token stream
 of a multi-stream block, found by a dry run of the model (a block that does not run, or a
 stream that is not a (batch, tokens, width) tensor, is dropped). Attention q/k norms are never
-chosen: models fuse them into their attention, so the modules may never run.
+chosen (models fuse them into their attention, so the modules may never run), nor the norms
+of a text encoder's vision tower (Qwen2.5-VL's `visual`), which never runs for text.
 
 Module names are ComfyUI's own (`input_blocks.1.1.transformer_blocks.0.norm1`,
 `double_blocks.3`, `clip_l.transformer.text_model.encoder.layers.0.layer_norm1`), which differ
@@ -37,6 +38,8 @@ BLOCK_LISTS = (
     "blocks",
 )
 ATTENTION_NORMS = re.compile(r"(^|.*\.)(q_norm|k_norm|norm_q|norm_k|norm_added_q|norm_added_k)$")
+# Vision towers of multimodal text encoders (Qwen2.5-VL's `visual`): they never run for text.
+VISION_TOWERS = re.compile(r"(^|.*\.)(visual|vision_model|vision_tower|vision_encoder)(\..*|$)")
 # A dry run of the model: block module names -> the sites among them that produce tokens.
 Probe = Callable[[list[str]], list[str]]
 
@@ -74,9 +77,13 @@ def block_modules(diffusion_model: nn.Module) -> list[str]:
     ]
 
 
-def norms_without_attention_norms(model: nn.Module) -> list[str]:
-    """Every normalization layer except attention q/k norms."""
-    return [site for site in norm_sites(model) if not ATTENTION_NORMS.match(site)]
+def auto_norm_sites(model: nn.Module) -> list[str]:
+    """Every normalization layer but attention q/k norms and those of vision towers."""
+    return [
+        site
+        for site in norm_sites(model)
+        if not ATTENTION_NORMS.match(site) and not VISION_TOWERS.match(site)
+    ]
 
 
 def resolve_layers(
@@ -106,7 +113,7 @@ def resolve_layers(
             )
         return sites
     if layers == "auto":
-        sites = norms_without_attention_norms(model)
+        sites = auto_norm_sites(model)
     elif layers == "all norm layers":
         sites = norm_sites(model)
     elif layers == "layer norms only":

@@ -28,22 +28,37 @@ def token_key(site: str) -> str:
 def real_token_masks(clip: Any, tokens: dict[str, list]) -> dict[str, torch.Tensor]:
     """Per tokenizer key, a (sections, length) mask of real tokens.
 
-    Real tokens are everything up to and including the first end token of each section
-    (start token, prompt, end); the rest is padding, whatever token pads it.
+    ComfyUI's tokenizers pad after the end token (or before the first token with `pad_left`).
+    Real tokens run from the first non-padding token up to and including the first end
+    token; a tokenizer without an end token (Qwen3, Qwen2.5-VL: padded to a minimum length)
+    ends its real tokens before the trailing run of its pad token.
     """
     masks = {}
     for key, sections in tokens.items():
         tokenizer = getattr(clip.tokenizer, f"clip_{key}", None) or getattr(
             clip.tokenizer, key, None
         )
-        end = getattr(tokenizer, "end_token", None)
-        rows = []
-        for section in sections:
-            ids = [_token_id(item) for item in section]
-            last = ids.index(end) if end is not None and end in ids else len(ids) - 1
-            rows.append([1.0] * (last + 1) + [0.0] * (len(ids) - last - 1))
+        rows = [
+            _real_token_row([_token_id(item) for item in section], tokenizer)
+            for section in sections
+        ]
         masks[key] = torch.tensor(rows)
     return masks
+
+
+def _real_token_row(ids: list[int], tokenizer: Any) -> list[float]:
+    end = getattr(tokenizer, "end_token", None)
+    pad = getattr(tokenizer, "pad_token", None)
+    start, stop = 0, len(ids)
+    if getattr(tokenizer, "pad_left", False):
+        while start < stop - 1 and ids[start] == pad:
+            start += 1
+    if end is not None and end in ids[start:]:
+        stop = ids.index(end, start) + 1
+    elif pad is not None and not getattr(tokenizer, "pad_left", False):
+        while stop > start + 1 and ids[stop - 1] == pad:
+            stop -= 1
+    return [0.0] * start + [1.0] * (stop - start) + [0.0] * (len(ids) - stop)
 
 
 def _token_id(item: Any) -> int:

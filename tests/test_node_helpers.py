@@ -150,3 +150,27 @@ def test_single_blocks_take_their_image_tokens_from_the_models_img_slice(collect
         model(torch.zeros(1, 18, 2), transformer_options={"img_slice": [7, 9]})
     assert split.image == slice(7, 16)
     assert not model.single_blocks[1]._forward_pre_hooks
+
+
+def test_padding_never_counts_as_real_tokens_whatever_the_tokenizer(helpers):
+    qwen = SimpleNamespace(end_token=None, pad_token=151643, pad_left=False)  # Qwen3, Qwen2.5-VL
+    gemma = SimpleNamespace(end_token=1, pad_token=0, pad_left=True)
+    clip = SimpleNamespace(tokenizer=SimpleNamespace(qwen3_4b=qwen, gemma2_2b=gemma))
+    tokens = {
+        "qwen3_4b": [[(10, 1.0), (11, 1.0), (151643, 1.0), (151643, 1.0), (151643, 1.0)]],
+        "gemma2_2b": [[(0, 1.0), (0, 1.0), (2, 1.0), (7, 1.0), (1, 1.0)]],
+    }
+    masks = helpers.text.real_token_masks(clip, tokens)
+    assert masks["qwen3_4b"].tolist() == [[1.0, 1.0, 0.0, 0.0, 0.0]]
+    assert masks["gemma2_2b"].tolist() == [[0.0, 0.0, 1.0, 1.0, 1.0]]
+
+
+def test_auto_skips_vision_towers_and_attention_norms(helpers):
+    encoder = nn.Module()
+    encoder.visual = nn.Module()
+    encoder.visual.norm = nn.LayerNorm(4)
+    encoder.layer = nn.Module()
+    encoder.layer.input_layernorm = nn.LayerNorm(4)
+    encoder.layer.q_norm = nn.RMSNorm(4)
+    assert helpers.presets.resolve_layers(encoder, "auto", "") == ["layer.input_layernorm"]
+    assert "visual.norm" in helpers.presets.resolve_layers(encoder, "all norm layers", "")
