@@ -67,6 +67,34 @@ TINY_LUMINA2 = {
     "axes_lens": [300, 64, 64],
 }  # fmt: skip
 
+TINY_QWEN_IMAGE = {
+    "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+    "num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2,
+    "joint_attention_dim": 32, "axes_dims_rope": [8, 12, 12],
+}  # fmt: skip
+
+TINY_CHROMA = {
+    "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 32,
+    "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+    "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True, "patch_size": 2, "in_dim": 64,
+    "out_dim": 64, "hidden_dim": 64, "n_layers": 1, "txt_ids_dims": [], "vec_in_dim": 32,
+}  # fmt: skip
+
+TINY_AURAFLOW = {
+    "cond_seq_dim": 32, "in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 64,
+    "n_layers": 3, "n_double_layers": 1, "n_heads": 2, "global_conddim": 64, "max_seq": 1024,
+}  # fmt: skip
+
+# kind -> (class name in comfy.supported_models, unet_config)
+FAMILIES = {
+    "sd3": ("SD3", TINY_SD3),
+    "wan": ("WAN21_T2V", TINY_WAN),
+    "lumina2": ("Lumina2", TINY_LUMINA2),
+    "qwen_image": ("QwenImage", TINY_QWEN_IMAGE),
+    "chroma": ("Chroma", TINY_CHROMA),
+    "auraflow": ("AuraFlow", TINY_AURAFLOW),
+}
+
 
 def comfyui_path() -> Path:
     """The checkout named by COMFYUI_PATH, or skip the calling test."""
@@ -126,8 +154,8 @@ def init_weights(module, seed: int = 0) -> None:
 
 
 def tiny_model(kind: str = "sd15", seed: int = 0):
-    """A MODEL (ModelPatcher) with a tiny SD1.5-config UNet, FLUX, SD3 (MMDiT), Wan 2.1 (video
-    DiT) or Lumina2 (NextDiT, as Z-Image), float32, CPU."""
+    """A MODEL (ModelPatcher) with a tiny SD1.5-config UNet, FLUX, or a model of `FAMILIES`
+    (SD3, Wan 2.1, Lumina2, Qwen-Image, Chroma, AuraFlow), float32, CPU."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
@@ -135,12 +163,9 @@ def tiny_model(kind: str = "sd15", seed: int = 0):
 
     if kind == "sd15":
         config = comfy.supported_models.SD15(dict(TINY_SD15_UNET))
-    elif kind == "sd3":
-        config = comfy.supported_models.SD3(dict(TINY_SD3))
-    elif kind == "wan":
-        config = comfy.supported_models.WAN21_T2V(dict(TINY_WAN))
-    elif kind == "lumina2":
-        config = comfy.supported_models.Lumina2(dict(TINY_LUMINA2))
+    elif kind in FAMILIES:
+        name, unet_config = FAMILIES[kind]
+        config = getattr(comfy.supported_models, name)(dict(unet_config))
     else:
         config = comfy.supported_models.Flux(dict(TINY_FLUX))
     config.set_inference_dtype(torch.float32, None)

@@ -293,6 +293,31 @@ def test_flux_blocks_collect_and_steer_image_tokens(pack):
         ("wan", ["blocks.0", "blocks.1"]),  # a video DiT: one frame, (B, C, T, H, W) latents
         # Lumina2 / Z-Image: the main layers (not the refiners), never the fused q/k norms
         ("lumina2", ["layers.0", "layers.1"]),
+        (
+            "qwen_image",
+            [
+                "transformer_blocks.0:0",
+                "transformer_blocks.0:1",
+                "transformer_blocks.1:0",
+                "transformer_blocks.1:1",
+            ],
+        ),
+        # Chroma is FLUX-style: both streams of the doubles, the first half of the singles
+        (
+            "chroma",
+            [
+                "double_blocks.0:0",
+                "double_blocks.0:1",
+                "double_blocks.1:0",
+                "double_blocks.1:1",
+                "single_blocks.0",
+            ],
+        ),
+        # AuraFlow's single layers hold [text; image] tokens and are pooled whole (no split)
+        (
+            "auraflow",
+            ["double_layers.0:0", "double_layers.0:1", "single_layers.0", "single_layers.1"],
+        ),
     ],
 )
 def test_dits_collect_their_block_outputs_and_steer(pack, kind, sites):
