@@ -85,6 +85,14 @@ TINY_AURAFLOW = {
     "n_layers": 3, "n_double_layers": 1, "n_heads": 2, "global_conddim": 64, "max_seq": 1024,
 }  # fmt: skip
 
+TINY_FLUX2 = {
+    "image_model": "flux2", "guidance_embed": True, "in_channels": 128, "out_channels": 128,
+    "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 3.0,
+    "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [8, 8, 8, 8],
+    "theta": 2000, "patch_size": 1, "qkv_bias": False, "txt_ids_dims": [3],
+    "global_modulation": True, "mlp_silu_act": True, "ops_bias": False,
+}  # fmt: skip
+
 # kind -> (class name in comfy.supported_models, unet_config)
 FAMILIES = {
     "sd3": ("SD3", TINY_SD3),
@@ -93,6 +101,7 @@ FAMILIES = {
     "qwen_image": ("QwenImage", TINY_QWEN_IMAGE),
     "chroma": ("Chroma", TINY_CHROMA),
     "auraflow": ("AuraFlow", TINY_AURAFLOW),
+    "flux2": ("Flux2", TINY_FLUX2),
 }
 
 
@@ -155,7 +164,7 @@ def init_weights(module, seed: int = 0) -> None:
 
 def tiny_model(kind: str = "sd15", seed: int = 0):
     """A MODEL (ModelPatcher) with a tiny SD1.5-config UNet, FLUX, or a model of `FAMILIES`
-    (SD3, Wan 2.1, Lumina2, Qwen-Image, Chroma, AuraFlow), float32, CPU."""
+    (SD3, Wan 2.1, Lumina2, Qwen-Image, Chroma, AuraFlow, FLUX.2), float32, CPU."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models

@@ -313,6 +313,17 @@ def test_flux_blocks_collect_and_steer_image_tokens(pack):
                 "single_blocks.0",
             ],
         ),
+        # FLUX.2: 128-channel latents at /16, FLUX-style sites
+        (
+            "flux2",
+            [
+                "double_blocks.0:0",
+                "double_blocks.0:1",
+                "double_blocks.1:0",
+                "double_blocks.1:1",
+                "single_blocks.0",
+            ],
+        ),
         # AuraFlow's single layers hold [text; image] tokens and are pooled whole (no split)
         (
             "auraflow",
