@@ -138,14 +138,15 @@ def holds_channels(module: nn.Module, tensor: torch.Tensor) -> bool:
     return not last_axis
 
 
-def unit_axis(tensor: torch.Tensor, channels: bool | None = None) -> int:
-    """Axis holding the units: 1 for channel maps, else the last axis.
+def is_channel_map(tensor: torch.Tensor, channels: bool | None = None) -> bool:
+    """Whether `tensor` is handled as a channel map: 4-D or more, unless `channels` (from
+    `holds_channels`) says its units are on the last axis; None guesses from the rank alone."""
+    return tensor.ndim >= 4 and channels is not False
 
-    `channels` None guesses from the rank alone (4-D/5-D outputs are channel maps); hooks
-    pass `holds_channels(module, tensor)`.
-    """
-    channels = tensor.ndim >= 4 if channels is None else channels
-    return 1 if channels else tensor.ndim - 1
+
+def unit_axis(tensor: torch.Tensor, channels: bool | None = None) -> int:
+    """Axis holding the units: 1 for channel maps (see `is_channel_map`), else the last."""
+    return 1 if is_channel_map(tensor, channels) else tensor.ndim - 1
 
 
 def check_width(tensor: torch.Tensor, units: int, site: str, channels: bool | None = None) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ActError
-from .hooks import group_by_module, holds_channels, pick_output, resolve_module
+from .hooks import group_by_module, holds_channels, is_channel_map, pick_output, resolve_module
 
 
 def pool(
@@ -27,7 +27,7 @@ def pool(
 ) -> torch.Tensor:
     """Pool a module output to (B, D) float32 (see the module docstring); `channels` says
     whether a 4-D/5-D output holds channels on axis 1 (None: it does)."""
-    if tensor.ndim >= 4 and (channels is None or channels):
+    if is_channel_map(tensor, channels):
         return tensor.mean(dim=tuple(range(2, tensor.ndim)), dtype=torch.float32)
     if tensor.ndim >= 4:
         tensor = tensor.flatten(1, -2)

@@ -23,6 +23,7 @@ from .hooks import (
     check_width,
     group_by_module,
     holds_channels,
+    is_channel_map,
     pick_output,
     replace_output,
     resolve_module,
@@ -45,7 +46,7 @@ def transport_in_place(
     and selects through bool tensors cost several times more than float arithmetic.
     """
     scale, shift = coefficients.scale, coefficients.shift
-    if tensor.ndim >= 4 and (channels is None or channels):
+    if is_channel_map(tensor, channels):
         tensor.add_(_channel_shift(tensor, coefficients).to(tensor.dtype))
         return
     work = tensor if tensor.dtype == torch.float32 else tensor.float()
@@ -65,7 +66,7 @@ def transported(
     tensor: torch.Tensor, coefficients: Coefficients, channels: bool | None = None
 ) -> torch.Tensor:
     """Out-of-place version of `transport_in_place` (differentiable)."""
-    if tensor.ndim >= 4 and (channels is None or channels):
+    if is_channel_map(tensor, channels):
         return tensor + _channel_shift(tensor, coefficients).to(tensor.dtype)
     moved = (tensor.float() * coefficients.scale + coefficients.shift).to(tensor.dtype)
     if not coefficients.bounded:
