@@ -243,15 +243,11 @@ def _module_map(site: str, units: int, tensors: dict[str, torch.Tensor], fail) -
                 f"module {site!r}: {field!r} is {tensor.dtype} {tuple(tensor.shape)}, "
                 f"expected float32 ({units},)"
             )
-        if torch.isnan(tensor).any():
-            raise fail(f"module {site!r}: {field!r} contains NaN")
         values[field] = tensor
-    if not (torch.isfinite(values["omega"]).all() and torch.isfinite(values["beta"]).all()):
-        raise fail(f"module {site!r}: omega/beta contain infinite values")
     for side in ("source", "target"):
         if (values[f"{side}_lo"] > values[f"{side}_hi"]).any():
             raise fail(f"module {site!r}: {side} support has lower bounds above upper bounds")
     try:
-        return ModuleMap(**values)
+        return ModuleMap(**values)  # checks NaN, infinite and overflowing coefficients
     except ActError as error:
         raise fail(f"module {site!r}: {error}") from None
