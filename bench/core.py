@@ -20,22 +20,14 @@ from timing import paired_ratio, pin_malloc
 
 pin_malloc()
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/: the residual block of the stack
 
 import torch  # noqa: E402
+from helpers import Block  # noqa: E402
 from torch import nn  # noqa: E402
 
 from act import Batch, bake, collect, fit_transport, select_modules, steer  # noqa: E402
-
-
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.proj(self.norm(x))
 
 
 def bench_fit(modules: int, units: int, samples: int) -> None:

@@ -25,24 +25,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/: the residual block of the stack
 
-import torch
-from torch import nn
+import torch  # noqa: E402
+from helpers import Block  # noqa: E402
+from torch import nn  # noqa: E402
 
-import act
+import act  # noqa: E402
 
 DRIFT_TOLERANCE = 1.5
-
-
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.proj(self.norm(x))
 
 
 def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
