@@ -79,8 +79,7 @@ def token_block_sites(model: Any, clip: Any, blocks: list[str], size: tuple[int,
 
     handles = [root.get_submodule(name).register_forward_hook(recorder(name)) for name in blocks]
     try:
-        empty = text_encoder.encode_tokens(clip, clip.tokenize(""))
-        conditioning = text_encoder.batch_conditioning([empty])
+        conditioning = text_encoder.empty_conditioning(clip)
         latent = collection_latent(model, 1, *size)
         steps = diffusion_model.FirstSteps(1)
         steps.sample(model, conditioning, conditioning, latent, 0, [0])
@@ -209,9 +208,7 @@ class _BatchRun:
         if self.steps is None:
             return
         positive = text_encoder.batch_conditioning(encoded)
-        negative = text_encoder.batch_conditioning(
-            [text_encoder.encode_tokens(self.clip, self.clip.tokenize(""))]
-        )
+        negative = text_encoder.empty_conditioning(self.clip)
         latent = collection_latent(self.model, len(self.prompts), self.width, self.height)
         self.steps.sample(self.model, positive, negative, latent, self.seed, self.indices)
 

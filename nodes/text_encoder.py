@@ -87,6 +87,11 @@ def batch_conditioning(encoded: list[dict[str, Any]]) -> list[list]:
     return [[torch.cat(conds), extras]]
 
 
+def empty_conditioning(clip: Any) -> list[list]:
+    """CONDITIONING of the empty prompt (the negative prompt of collection runs)."""
+    return batch_conditioning([encode_tokens(clip, clip.tokenize(""))])
+
+
 def token_length(clip: Any, prompt: str) -> int:
     """Number of sections x section length the prompt encodes to (to batch equal lengths)."""
     tokens = clip.tokenize(prompt)
