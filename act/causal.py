@@ -70,7 +70,7 @@ class _CausalFitter:
         recorded = False
         for site, index in self.groups[name]:
             tensor = pick_output(output, index, site)
-            channels = holds_channels(self.modules[name], tensor)
+            channels = holds_channels(self.modules[name], tensor, site)
             pooled = pooled_sample(
                 site, tensor, batch.attention_mask, batch.rows, batch.select, channels=channels
             )
@@ -101,7 +101,7 @@ class _CausalFitter:
         for site, index in self.groups[name]:
             tensor = pick_output(output, index, site)
             coefficients = self.maps[site].coefficients(1.0).to(tensor.device)
-            channels = holds_channels(self.modules[name], tensor)
+            channels = holds_channels(self.modules[name], tensor, site)
             if can_modify_in_place(tensor, self.modules[name], args, kwargs, output):
                 transport_in_place(tensor, coefficients, channels)
             else:

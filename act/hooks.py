@@ -7,6 +7,7 @@ A *site* names one tensor a module outputs: the module's name from `named_module
 from __future__ import annotations
 
 import difflib
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -120,22 +121,64 @@ def _indexed(output: Any, index: int, site: str) -> Any:
 
 _LAST_AXIS_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.Linear)
 _LAST_AXIS_SUFFIXES = ("LayerNorm", "RMSNorm")
+_CHANNEL_MODULES = (nn.modules.conv._ConvNd, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+_CHANNEL_SUFFIXES = ("2d", "3d")  # norms applied to channel maps (Stable Cascade's LayerNorm2d)
+_holds_channel_ops: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
-def holds_channels(module: nn.Module, tensor: torch.Tensor) -> bool:
+def holds_channels(module: nn.Module, tensor: torch.Tensor, site: str = "") -> bool:
     """Whether a module output holds its units on axis 1 (channel maps (B, C, H, W), video
     (B, C, T, H, W)) rather than on its last axis.
 
-    Only outputs of 4 or more dimensions can be channel maps, and not those of LayerNorm,
-    RMSNorm or Linear, which act on the last axis whatever the rank (attention q/k norms
-    output (B, T, heads, D)).
+    Outputs of fewer than 4 dimensions never do. LayerNorm, RMSNorm and Linear act on the
+    last axis whatever the rank (attention q/k norms output (B, T, heads, D)), unless their
+    width is on axis 1 only, or the norm is one for channel maps (`LayerNorm2d`). Any other
+    module's 4-D output holds channels if the module convolves or normalizes channels.
+
+    Raises:
+        ActError: a 4-D or larger output of a module that does neither, whose units cannot
+            be told apart from its other axes.
     """
     if tensor.ndim < 4:
         return False
-    last_axis = isinstance(module, _LAST_AXIS_MODULES) or type(module).__name__.endswith(
-        _LAST_AXIS_SUFFIXES
+    name = type(module).__name__
+    if isinstance(module, _LAST_AXIS_MODULES) or name.endswith(_LAST_AXIS_SUFFIXES):
+        width = _output_width(module)
+        if width is None or tensor.shape[1] != width:
+            return False
+        return tensor.shape[-1] != width or name.endswith(_CHANNEL_SUFFIXES)
+    if _has_channel_ops(module):
+        return True
+    raise ActError(
+        f"the units of {site or name!r} cannot be told apart: it outputs shape "
+        f"{tuple(tensor.shape)} from a {name}, which neither convolves or normalizes "
+        "channels (units on axis 1) nor is a LayerNorm, RMSNorm or Linear (units on the "
+        "last axis); choose a module whose output is (batch, tokens, width) or a channel map"
     )
-    return not last_axis
+
+
+def _output_width(module: nn.Module) -> int | None:
+    """The width of the axis a last-axis module acts on, when it says."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, int):
+        return shape
+    if isinstance(shape, tuple | list) and shape:
+        return int(shape[-1])
+    weight = getattr(module, "weight", None)
+    return int(weight.shape[-1]) if isinstance(weight, torch.Tensor) and weight.ndim == 1 else None
+
+
+def _has_channel_ops(module: nn.Module) -> bool:
+    known = _holds_channel_ops.get(module)
+    if known is None:
+        known = any(
+            isinstance(part, _CHANNEL_MODULES) or type(part).__name__.endswith(_CHANNEL_SUFFIXES)
+            for part in module.modules()
+        )
+        _holds_channel_ops[module] = known
+    return known
 
 
 def is_channel_map(tensor: torch.Tensor, channels: bool | None = None) -> bool:

@@ -108,7 +108,7 @@ class Recorder:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             for site, index in entries:
                 tensor = pick_output(output, index, site)
-                pooled = self.pool(tensor, site, holds_channels(module, tensor))
+                pooled = self.pool(tensor, site, holds_channels(module, tensor, site))
                 if pooled is not None:
                     self._rows[site].append(pooled)
 

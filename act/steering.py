@@ -184,7 +184,7 @@ class _ModuleHook:
         steering.calls += 1
         for site, index, module_map in self.sites:
             tensor = pick_output(output, index, site)
-            channels = holds_channels(module, tensor)
+            channels = holds_channels(module, tensor, site)
             check_width(tensor, module_map.units, site, channels)
             coefficients = steering.coefficients(site, module_map, tensor.device)
             selected = None if steering.rows is None else steering.rows(tensor.shape[0])

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..act import ActError, Batch
 from . import diffusion_model, text_encoder
-from .presets import is_flux, resolve_layers
+from .presets import resolve_layers
 
 WHERE = ["diffusion model", "text encoder", "both"]
 
@@ -123,11 +123,10 @@ def collection_batches(
 ) -> list[Batch]:
     """One `act.Batch` per chunk of prompts of equal token length, sources first.
 
-    `sites` (prefixed by part) tell which single-stream blocks need their token split.
+    `sites` (prefixed by part) tell which joint text + image blocks need their token split.
     """
     diffusion = where in ("diffusion model", "both")
     text = where in ("text encoder", "both")
-    flux = diffusion and is_flux(model.model.diffusion_model)
     prefix = f"{diffusion_model.PREFIX}."
     denoiser_sites = [site[len(prefix) :] for site in sites if site.startswith(prefix)]
     batches = []
@@ -136,9 +135,7 @@ def collection_batches(
         for chunk in _chunks(clip, texts, batch_size):
             steps_run = diffusion_model.FirstSteps(steps, denoiser_sites) if diffusion else None
             indices = list(range(first, first + len(chunk)))
-            batch = _BatchRun(
-                model, clip, chunk, text, flux, steps_run, (seed, width, height), indices
-            )
+            batch = _BatchRun(model, clip, chunk, text, steps_run, (seed, width, height), indices)
             batches.append(Batch(batch.run, label, select=batch.select))
             first += len(chunk)
     return batches
@@ -183,7 +180,6 @@ class _BatchRun:
         clip: Any,
         prompts: list[str],
         text: bool,
-        flux: bool,
         steps: diffusion_model.FirstSteps | None,
         sampling: tuple[int, int, int],
         indices: list[int],
@@ -192,7 +188,6 @@ class _BatchRun:
         self.clip = clip
         self.prompts = prompts
         self.text = text
-        self.flux = flux
         self.steps = steps
         self.seed, self.width, self.height = sampling
         self.indices = indices
@@ -218,7 +213,7 @@ class _BatchRun:
             return self._text_rows(name, tensor)
         if self.steps is None:
             return None
-        rows = self.steps.select(name, tensor, self.flux)
+        rows = self.steps.select(name, tensor)
         return None if rows is None else (rows, None)
 
     def _text_rows(self, site: str, tensor: torch.Tensor) -> tuple[torch.Tensor, Any] | None:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import comfy.patcher_extension
@@ -48,27 +50,80 @@ def positive_rows(cond_or_uncond: list[int], batch: int) -> list[slice]:
     return [slice(i * size, (i + 1) * size) for i, kind in enumerate(cond_or_uncond) if kind == 0]
 
 
-def is_single_block(site: str) -> bool:
-    """FLUX single-stream block sites, whose outputs hold `[text; image]` tokens."""
-    return site.startswith("single_blocks.")
+@dataclass(frozen=True)
+class JointTokens:
+    """A block list whose blocks run on text and image tokens joined on the token axis."""
+
+    blocks: str
+    image_first: bool  # [image; text] rather than [text; image]
+
+    def holds(self, site: str) -> bool:
+        return site.startswith(f"{self.blocks}.")
 
 
-def image_token_rows(rows: list[slice], image: slice) -> list[tuple[slice, slice]]:
-    """Index expressions keeping only the image tokens (`image`, on the token axis) of `rows`."""
-    return [(r, image) for r in rows]
+# By diffusion model class: AuraFlow's single layers hold [registers; text; image], Lumina2's
+# and Z-Image's main layers [caption; image], HiDream's single stream blocks [image; text].
+# FLUX-style models (FLUX.1/2, Chroma, HunyuanImage) put [text; image] in their single blocks
+# and say where the image tokens are (`img_slice`).
+JOINT_TOKENS = {
+    "MMDiT": JointTokens("single_layers", image_first=False),
+    "NextDiT": JointTokens("layers", image_first=False),
+    "HiDreamImageTransformer2DModel": JointTokens("single_stream_blocks", image_first=True),
+}
+FLUX_SINGLES = JointTokens("single_blocks", image_first=False)
+
+
+def joint_tokens(diffusion_model: nn.Module) -> JointTokens | None:
+    """Which blocks of a ComfyUI diffusion model join text and image tokens (None: none)."""
+    if is_flux(diffusion_model):
+        return FLUX_SINGLES
+    return JOINT_TOKENS.get(type(diffusion_model).__name__)
+
+
+def image_token_count(diffusion_model: nn.Module, latent: torch.Tensor) -> int:
+    """How many image tokens a DiT makes of `latent` (B, C, H, W) or (B, C, T, H, W): one per
+    patch of its `patch_size` (an int for height and width, or one size per axis), the
+    latent padded to whole patches as the models do."""
+    spatial = latent.shape[2:]
+    patch = getattr(diffusion_model, "patch_size", 1)
+    sizes = list(patch) if isinstance(patch, list | tuple) else [int(patch)] * 2
+    sizes = [1] * (len(spatial) - len(sizes)) + sizes[-len(spatial) :]
+    return math.prod(math.ceil(length / size) for length, size in zip(spatial, sizes, strict=True))
 
 
 class TokenSplit:
-    """Where the image tokens of single-stream blocks are, as the model says it.
+    """Where the image tokens of joint text + image blocks are, for one model call.
 
-    FLUX-style models put `img_slice = [text tokens, image tokens]` in the transformer options
-    they pass to every single block: a pre-hook on those blocks reads it, so extra text
-    tokens (HunyuanImage's glyph tokens) are never taken for image tokens. Without it, the
-    image tokens are those after the text context's tokens.
+    The image tokens are the `image_tokens` first or last ones of the joint blocks' outputs
+    (see `JOINT_TOKENS`); FLUX-style models also put `img_slice = [text tokens, image
+    tokens]` in the options they pass to every single block, which a pre-hook reads, so
+    extra text tokens (HunyuanImage's glyph tokens) are never taken for image tokens.
     """
 
-    def __init__(self, text_tokens: int) -> None:
-        self.image = slice(text_tokens, None)
+    def __init__(self, layout: JointTokens | None, image_tokens: int) -> None:
+        self.layout = layout
+        if image_tokens <= 0:
+            self.image = slice(None)
+        elif layout is not None and layout.image_first:
+            self.image = slice(0, image_tokens)
+        else:
+            self.image = slice(-image_tokens, None)
+
+    @classmethod
+    def of_call(cls, diffusion_model: nn.Module, arguments: dict[str, Any]) -> TokenSplit:
+        """The split of one `apply_model` call, from its latent `x`."""
+        layout = joint_tokens(diffusion_model)
+        latent = arguments.get("x")
+        count = image_token_count(diffusion_model, latent) if layout and latent is not None else 0
+        return cls(layout, count)
+
+    def joins(self, site: str) -> bool:
+        """Whether `site` outputs joint text + image tokens, of which only the image's count."""
+        return self.layout is not None and self.layout.holds(site)
+
+    def rows(self, rows: list[slice]) -> list[tuple[slice, slice]]:
+        """Index expressions keeping only the image tokens of `rows`."""
+        return [(r, self.image) for r in rows]
 
     def read(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         split = (kwargs.get("transformer_options") or {}).get("img_slice")
@@ -76,8 +131,11 @@ class TokenSplit:
             self.image = slice(int(split[0]), int(split[0]) + int(split[1]))
 
     def attach(self, root: nn.Module, sites: list[str], stack: ExitStack) -> None:
-        """Pre-hooks on the single blocks among `sites`, removed when `stack` closes."""
-        for name in dict.fromkeys(split_site(site)[0] for site in sites if is_single_block(site)):
+        """Pre-hooks reading `img_slice` on the joint blocks among `sites`, removed when
+        `stack` closes."""
+        if self.layout is not FLUX_SINGLES:
+            return
+        for name in dict.fromkeys(split_site(site)[0] for site in sites if self.joins(site)):
             handle = root.get_submodule(name).register_forward_pre_hook(self.read, with_kwargs=True)
             stack.callback(handle.remove)
 
@@ -105,8 +163,7 @@ def steered_model(
     sampling = model.get_model_object("model_sampling")
     sigma_start = float(sampling.percent_to_sigma(start_percent))
     sigma_end = float(sampling.percent_to_sigma(end_percent))
-    flux = is_flux(root)
-    parts = _split_single_blocks(transport) if flux else [(False, transport)]
+    parts = _split_joint_sites(transport, joint_tokens(root))
 
     def wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         arguments = call_arguments(executor, args, kwargs)
@@ -117,8 +174,8 @@ def steered_model(
         ):
             return executor(*args, **kwargs)
         kinds = list(options.get("cond_or_uncond") or [0])
-        split = TokenSplit(_text_tokens(arguments))
         diffusion = executor.class_obj.diffusion_model
+        split = TokenSplit.of_call(diffusion, arguments)
         with ExitStack() as stack:
             split.attach(diffusion, transport.sites, stack)
             steerings = [
@@ -127,10 +184,10 @@ def steered_model(
                         diffusion,
                         part,
                         strength,
-                        rows=_row_selector(kinds, positive_only, singles, split),
+                        rows=_row_selector(kinds, positive_only, joint, split),
                     )
                 )
-                for singles, part in parts
+                for joint, part in parts
             ]
             output = executor(*args, **kwargs)
         if not any(steering.calls for steering in steerings):
@@ -149,32 +206,29 @@ def steered_model(
     return steered
 
 
-def _text_tokens(arguments: dict[str, Any]) -> int:
-    """Number of text tokens the model is conditioned on (0 without a text context)."""
-    context = arguments.get("c_crossattn")
-    return context.shape[1] if isinstance(context, torch.Tensor) and context.ndim == 3 else 0
-
-
 def _row_selector(
-    kinds: list[int], positive_only: bool, singles: bool, split: TokenSplit
+    kinds: list[int], positive_only: bool, joint: bool, split: TokenSplit
 ) -> Callable[[int], list] | None:
-    if not positive_only and not singles:
+    if not positive_only and not joint:
         return None
 
     def rows(batch: int) -> list:
         chosen = positive_rows(kinds, batch) if positive_only else [slice(None)]
-        return image_token_rows(chosen, split.image) if singles else chosen
+        return split.rows(chosen) if joint else chosen
 
     return rows
 
 
-def _split_single_blocks(transport: Transport) -> list[tuple[bool, Transport]]:
-    """FLUX: single-block sites need their text tokens left alone; steer them separately."""
-    singles = [site for site in transport.sites if is_single_block(site)]
-    others = [site for site in transport.sites if not is_single_block(site)]
+def _split_joint_sites(
+    transport: Transport, layout: JointTokens | None
+) -> list[tuple[bool, Transport]]:
+    """Sites of joint text + image blocks need their text tokens left alone: they are
+    steered as a second part, with their own row selector."""
+    joint = [site for site in transport.sites if layout is not None and layout.holds(site)]
+    others = [site for site in transport.sites if site not in joint]
     return [
-        (single, transport.subset(sites))
-        for single, sites in ((False, others), (True, singles))
+        (is_joint, transport.subset(sites))
+        for is_joint, sites in ((False, others), (True, joint))
         if sites
     ]
 
@@ -194,7 +248,7 @@ class FirstSteps:
         self.sites = list(sites or [])
         self.calls = 0
         self.kinds: list[int] = [0]
-        self.split = TokenSplit(0)
+        self.split = TokenSplit(None, 0)
 
     @property
     def recording(self) -> bool:
@@ -204,22 +258,24 @@ class FirstSteps:
         arguments = call_arguments(executor, args, kwargs)
         options = arguments.get("transformer_options") or {}
         self.kinds = list(options.get("cond_or_uncond") or [0])
-        self.split = TokenSplit(_text_tokens(arguments))
+        diffusion = executor.class_obj.diffusion_model
+        self.split = TokenSplit.of_call(diffusion, arguments)
         self.calls += 1
         with ExitStack() as stack:
-            self.split.attach(executor.class_obj.diffusion_model, self.sites, stack)
+            self.split.attach(diffusion, self.sites, stack)
             output = executor(*args, **kwargs)
         if self.calls >= self.steps:
             raise FirstSteps.Stop
         return output
 
-    def select(self, site: str, tensor: torch.Tensor, flux: bool) -> torch.Tensor | None:
-        """The positive rows (and image tokens) of a recorded call, or None."""
+    def select(self, site: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The positive rows (and, at joint text + image sites, image tokens) of a recorded
+        call, or None."""
         if not self.recording:
             return None
         rows: list[Any] = positive_rows(self.kinds, tensor.shape[0])
-        if flux and is_single_block(site):
-            rows = image_token_rows(rows, self.split.image)
+        if self.split.joins(site):
+            rows = self.split.rows(rows)
         return torch.cat([tensor[index] for index in rows])
 
     def sample(

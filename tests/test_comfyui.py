@@ -324,7 +324,7 @@ def test_flux_blocks_collect_and_steer_image_tokens(pack):
                 "single_blocks.0",
             ],
         ),
-        # AuraFlow's single layers hold [text; image] tokens and are pooled whole (no split)
+        # AuraFlow's single layers hold [registers; text; image]: only image tokens count
         (
             "auraflow",
             ["double_layers.0:0", "double_layers.0:1", "single_layers.0", "single_layers.1"],
@@ -345,6 +345,41 @@ def test_dits_collect_their_block_outputs_and_steer(pack, kind, sites):
     assert not torch.allclose(sample(on, *conds, size=16), sample(model, *conds, size=16))
     assert torch.equal(sample(model, *conds, size=8), plain)  # the input MODEL is untouched
     assert _hooks_left(model.model.diffusion_model) == 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "site", "after"),
+    [
+        ("flux", "single_blocks.0", "single_blocks.1"),  # [text; image], `img_slice`
+        ("auraflow", "single_layers.0", "single_layers.1"),  # [registers; text; image]
+        ("lumina2", "layers.0", "layers.1"),  # [caption; image]
+    ],
+)
+def test_joint_blocks_steer_image_tokens_and_leave_text_tokens_alone(pack, kind, site, after):
+    model, clip = tiny_model(kind), tiny_clip()
+    samples = _collect(pack, model, clip, batch_size=2, width=64, height=64)
+    transport = _fit(pack, samples, support="all").subset([f"diffusion_model.{site}"])
+    conds = encode(clip, "a photo of a cat", guidance=3.5), encode(clip, "", guidance=3.5)
+    root = model.model.diffusion_model
+
+    def first_input_of_next_block(patcher) -> torch.Tensor:
+        seen = []
+        hook = root.get_submodule(after).register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(args[0].clone()), with_kwargs=True
+        )
+        try:
+            sample(patcher, *conds, cfg=1.0, size=8, steps=1)
+        finally:
+            hook.remove()
+        return seen[0]
+
+    plain = first_input_of_next_block(model)
+    (steered, _) = _apply(pack, transport, model=model, strength=1.0)
+    moved = first_input_of_next_block(steered)
+    image = 4 * 4  # an 8 x 8 latent in 2 x 2 patches; the image tokens come last
+    assert plain.shape[1] > image
+    assert torch.equal(moved[:, :-image], plain[:, :-image])
+    assert not torch.allclose(moved[:, -image:], plain[:, -image:], atol=1e-4)
 
 
 def test_steering_modules_that_never_run_is_an_error_not_a_silent_no_op(pack, sd15):

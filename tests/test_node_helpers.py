@@ -133,15 +133,19 @@ def test_single_blocks_take_their_image_tokens_from_the_models_img_slice(collect
             super().__init__()
             self.single_blocks = nn.ModuleList([Block(), Block()])
             self.double_blocks = nn.ModuleList([Block()])
+            self.patch_size = 2
 
         def forward(self, x, transformer_options):
             for block in self.single_blocks:
                 x = block(x, transformer_options=transformer_options)
             return x
 
-    split = collection.diffusion.TokenSplit(text_tokens=4)
-    assert split.image == slice(4, None)  # without img_slice: after the text context
     model = Singles()
+    diffusion = collection.diffusion
+    # without img_slice: the last of the latent's 3 x 3 patches
+    split = diffusion.TokenSplit.of_call(model, {"x": torch.zeros(1, 16, 6, 5)})
+    assert split.image == slice(-9, None)
+    assert split.joins("single_blocks.1") and not split.joins("double_blocks.0:0")
     with ExitStack() as stack:
         split.attach(model, ["single_blocks.1", "double_blocks.0:0"], stack)
         assert len(model.single_blocks[1]._forward_pre_hooks) == 1
@@ -150,6 +154,36 @@ def test_single_blocks_take_their_image_tokens_from_the_models_img_slice(collect
         model(torch.zeros(1, 18, 2), transformer_options={"img_slice": [7, 9]})
     assert split.image == slice(7, 16)
     assert not model.single_blocks[1]._forward_pre_hooks
+
+
+@pytest.mark.parametrize(
+    ("name", "blocks", "image"),
+    [
+        ("MMDiT", "single_layers", slice(-6, None)),  # AuraFlow: [registers; text; image]
+        ("NextDiT", "layers", slice(-6, None)),  # Lumina2, Z-Image: [caption; image]
+        ("HiDreamImageTransformer2DModel", "single_stream_blocks", slice(0, 6)),
+    ],
+)
+def test_joint_text_and_image_blocks_split_by_the_latents_patch_count(
+    collection, name, blocks, image
+):
+    model = type(name, (nn.Module,), {})()
+    model.patch_size = 2
+    split = collection.diffusion.TokenSplit.of_call(model, {"x": torch.zeros(2, 4, 4, 5)})
+    assert split.image == image  # 2 x 3 patches, the odd width padded
+    assert split.joins(f"{blocks}.0") and not split.joins(f"double_{blocks}.0")
+    tokens = torch.arange(2 * 10).reshape(2, 10, 1)
+    kept = torch.cat([tokens[index] for index in split.rows([slice(0, 1)])])
+    assert kept.flatten().tolist() == tokens[0, image].flatten().tolist()
+
+
+def test_video_patches_count_frames_too(collection):
+    model = nn.Module()
+    model.patch_size = [1, 2, 2]  # HunyuanVideo
+    latent = torch.zeros(1, 16, 3, 4, 6)
+    assert collection.diffusion.image_token_count(model, latent) == 3 * 2 * 3
+    model.patch_size = 2
+    assert collection.diffusion.image_token_count(model, latent) == 3 * 2 * 3
 
 
 def test_padding_never_counts_as_real_tokens_whatever_the_tokenizer(helpers):

@@ -261,3 +261,40 @@ def test_four_dimensional_outputs_of_last_axis_modules_map_their_last_axis():
     with torch.no_grad(), steer(model, transport):
         steered = model(inputs)
     assert torch.allclose(steered, transport.maps["norm"].apply(plain), atol=1e-6)
+
+
+SIDES = ("source", "target")
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """Stable Cascade's norm of channel maps: a LayerNorm over the channels of (B, C, H, W)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("size", [5, 6])  # 6: as wide as the channels, told apart by its name
+def test_norms_of_channel_maps_map_their_channels(size):
+    model = nn.Sequential(LayerNorm2d(6))
+    batches = [
+        Batch(lambda: model(torch.randn(4, 6, size, size)), "source"),
+        Batch(lambda: model(torch.randn(4, 6, size, size) * 2 + 1), "target"),
+    ]
+    transport = collect(model, ["0"], batches).fit(support="all")
+    assert transport.maps["0"].units == 6
+    plain = model(torch.randn(2, 6, 9, 3))  # another resolution
+    with torch.no_grad(), steer(model, transport):
+        steered = model(torch.randn(2, 6, 9, 3))
+    assert steered.shape == plain.shape and not torch.equal(steered, plain)
+
+
+def test_four_dimensional_outputs_whose_units_cannot_be_told_apart_are_refused():
+    class Heads(nn.Module):  # (B, T, heads, D) out of a module that names no axis
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.view(*x.shape[:2], 3, 4) * 2
+
+    model = nn.Sequential(Heads())
+    batches = [Batch(lambda: model(torch.randn(5, 7, 12)), label) for label in SIDES]
+    with pytest.raises(ActError, match=r"units of '0' cannot be told apart: .*\(5, 7, 3, 4\)"):
+        collect(model, ["0"], batches)
+    assert not model[0]._forward_hooks
