@@ -129,6 +129,15 @@ class CollectActivations(io.ComfyNode):
                     default="range",
                     tooltip="Causal only: the support used while collecting.",
                 ),
+                io.Int.Input(
+                    "frames",
+                    default=1,
+                    min=1,
+                    max=257,
+                    optional=True,
+                    advanced=True,
+                    tooltip="Video models (Wan, HunyuanVideo): frames of the collection video; 1 collects on stills, like an image model. Image models ignore it.",
+                ),
             ],
             outputs=[Samples.Output(display_name="samples")],
         )
@@ -151,12 +160,14 @@ class CollectActivations(io.ComfyNode):
         model=None,
         clip=None,
         layer_regex: str = "",
+        frames: int = 1,
     ) -> io.NodeOutput:
         prompts = {
             "source": parse_prompts(source_prompts, "source_prompts"),
             "target": parse_prompts(target_prompts, "target_prompts"),
         }
-        root, sites = collection_root(model, clip, where, layers, layer_regex, (width, height))
+        size = (width, height, frames)
+        root, sites = collection_root(model, clip, where, layers, layer_regex, size)
         if causal and where != "diffusion model":
             batch_size = 1  # text-encoder modules run once per prompt
         batches = collection_batches(
@@ -166,8 +177,7 @@ class CollectActivations(io.ComfyNode):
             prompts,
             batch_size=batch_size,
             seed=seed,
-            width=width,
-            height=height,
+            size=size,
             steps=steps,
             sites=sites,
         )

@@ -29,12 +29,12 @@ def collection_root(
     where: str,
     layers: str,
     regex: str,
-    probe_size: tuple[int, int] = (256, 256),
+    probe_size: tuple[int, int, int] = (256, 256, 1),
 ) -> tuple[nn.ModuleDict, list[str]]:
     """The loaded modules to collect from, and the sites (prefixed by part).
 
     A DiT's "auto" sites come from a dry run: one denoising call at `probe_size` (width,
-    height) pixels with an empty prompt.
+    height in pixels, frames) with an empty prompt.
     """
     if where not in WHERE:
         raise ActError(f"unknown 'where' {where!r}; choose one of {WHERE}")
@@ -60,7 +60,9 @@ def collection_root(
     return nn.ModuleDict(parts), sites
 
 
-def token_block_sites(model: Any, clip: Any, blocks: list[str], size: tuple[int, int]) -> list[str]:
+def token_block_sites(
+    model: Any, clip: Any, blocks: list[str], size: tuple[int, int, int]
+) -> list[str]:
     """The sites among `blocks` that output (batch, tokens, width) tensors when the model
     runs: `name` for a tensor, `name:i` for each such element of a tuple (streams); blocks
     that do not run are dropped. **Runs** one denoising call of `model` (a dry run)."""
@@ -116,12 +118,13 @@ def collection_batches(
     *,
     batch_size: int,
     seed: int,
-    width: int,
-    height: int,
+    size: tuple[int, int, int],
     steps: int,
     sites: Sequence[str] = (),
 ) -> list[Batch]:
     """One `act.Batch` per chunk of prompts of equal token length, sources first.
+
+    `size` is the collection's (width, height) in pixels and its frames (video models).
 
     `sites` (prefixed by part) tell which joint text + image blocks need their token split.
     """
@@ -135,16 +138,19 @@ def collection_batches(
         for chunk in _chunks(clip, texts, batch_size):
             steps_run = diffusion_model.FirstSteps(steps, denoiser_sites) if diffusion else None
             indices = list(range(first, first + len(chunk)))
-            batch = _BatchRun(model, clip, chunk, text, steps_run, (seed, width, height), indices)
+            batch = _BatchRun(model, clip, chunk, text, steps_run, seed, size, indices)
             batches.append(Batch(batch.run, label, select=batch.select))
             first += len(chunk)
     return batches
 
 
-def collection_latent(model: Any, batch: int, width: int, height: int) -> torch.Tensor:
+def collection_latent(
+    model: Any, batch: int, width: int, height: int, frames: int = 1
+) -> torch.Tensor:
     """An empty latent of `width` x `height` pixels in the model's own latent format: its
     channels and spatial downscale (8 for SD/FLUX.1, 16 for FLUX.2 and Wan 2.2 5B, 32 for
-    HunyuanImage 2.1), one frame for video models."""
+    HunyuanImage 2.1), and for video models `frames` frames, in latent frames of the
+    model's temporal compression (4 for Wan and HunyuanVideo: 1 + (frames - 1) // 4)."""
     latent_format = model.get_model_object("latent_format")
     ratio = int(getattr(latent_format, "spacial_downscale_ratio", 8))
     dimensions = int(getattr(latent_format, "latent_dimensions", 2))
@@ -154,7 +160,10 @@ def collection_latent(model: Any, batch: int, width: int, height: int) -> torch.
             "needs an image or video model"
         )
     shape = [batch, latent_format.latent_channels, max(1, height // ratio), max(1, width // ratio)]
-    return torch.zeros(shape if dimensions == 2 else [*shape[:2], 1, *shape[2:]])
+    if dimensions == 2:
+        return torch.zeros(shape)
+    compression = max(int(getattr(latent_format, "temporal_downscale_ratio", 1)), 1)
+    return torch.zeros([*shape[:2], 1 + (max(frames, 1) - 1) // compression, *shape[2:]])
 
 
 def _chunks(clip: Any, texts: list[str], size: int) -> list[list[str]]:
@@ -181,7 +190,8 @@ class _BatchRun:
         prompts: list[str],
         text: bool,
         steps: diffusion_model.FirstSteps | None,
-        sampling: tuple[int, int, int],
+        seed: int,
+        size: tuple[int, int, int],
         indices: list[int],
     ) -> None:
         self.model = model
@@ -189,7 +199,8 @@ class _BatchRun:
         self.prompts = prompts
         self.text = text
         self.steps = steps
-        self.seed, self.width, self.height = sampling
+        self.seed = seed
+        self.size = size
         self.indices = indices
         self.masks: dict[str, torch.Tensor] | None = None
 
@@ -204,7 +215,7 @@ class _BatchRun:
             return
         positive = text_encoder.batch_conditioning(encoded)
         negative = text_encoder.empty_conditioning(self.clip)
-        latent = collection_latent(self.model, len(self.prompts), self.width, self.height)
+        latent = collection_latent(self.model, len(self.prompts), *self.size)
         self.steps.sample(self.model, positive, negative, latent, self.seed, self.indices)
 
     def select(self, site: str, tensor: torch.Tensor) -> tuple[torch.Tensor, Any] | None:

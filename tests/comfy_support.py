@@ -12,10 +12,15 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK = "comfyui_act_pack"
@@ -93,6 +98,43 @@ TINY_FLUX2 = {
     "global_modulation": True, "mlp_silu_act": True, "ops_bias": False,
 }  # fmt: skip
 
+# PixArt's pos-embed divides by its base size, round((H + W) / 2 / 64) * 64 latent pixels:
+# it needs latents of more than 32 x 32 (256 px)
+TINY_PIXART_SIGMA = {
+    "image_model": "pixart_sigma", "patch_size": 2, "in_channels": 4, "hidden_size": 64,
+    "depth": 2, "num_heads": 2, "caption_channels": 32, "model_max_length": 77,
+    "micro_condition": False,
+}  # fmt: skip
+
+TINY_HUNYUAN_DIT = {
+    "image_model": "hydit", "input_size": [8, 8], "patch_size": 2, "in_channels": 4,
+    "hidden_size": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "text_states_dim": 32,
+    "text_states_dim_t5": 32, "text_len": 77, "text_len_t5": 8,
+}  # fmt: skip
+
+TINY_CASCADE_C = {
+    "stable_cascade_stage": "c", "c_in": 16, "c_out": 16, "c_r": 64, "c_cond": 32,
+    "c_hidden": [32, 32], "nhead": [2, 2], "blocks": [[1, 1], [1, 1]],
+    "block_repeat": [[1, 1], [1, 1]], "level_config": ["CTA", "CTA"], "c_clip_text": 32,
+    "c_clip_text_pooled": 32, "c_clip_img": 768, "c_clip_seq": 4,
+}  # fmt: skip
+
+TINY_HUNYUAN_IMAGE = {
+    "image_model": "hunyuan_video", "in_channels": 64, "out_channels": 64, "patch_size": [1, 1],
+    "vec_in_dim": None, "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0,
+    "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [16, 16], "theta": 256,
+    "qkv_bias": True, "guidance_embed": False, "byt5": False, "meanflow": False,
+    "use_cond_type_embedding": False, "vision_in_dim": None, "meanflow_sum": False,
+}  # fmt: skip
+
+TINY_HIDREAM = {
+    "image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16,
+    "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 32,
+    "num_attention_heads": 2, "caption_channels": [32, 32], "text_emb_dim": 32,
+    "num_routed_experts": 2, "num_activated_experts": 1, "axes_dims_rope": [8, 12, 12],
+    "max_resolution": [32, 32], "llama_layers": [0, 1, 2],
+}  # fmt: skip
+
 # kind -> (class name in comfy.supported_models, unet_config)
 FAMILIES = {
     "sd3": ("SD3", TINY_SD3),
@@ -102,7 +144,40 @@ FAMILIES = {
     "chroma": ("Chroma", TINY_CHROMA),
     "auraflow": ("AuraFlow", TINY_AURAFLOW),
     "flux2": ("Flux2", TINY_FLUX2),
+    "pixart_sigma": ("PixArtSigma", TINY_PIXART_SIGMA),
+    "hydit": ("HunyuanDiT", TINY_HUNYUAN_DIT),
+    "cascade_c": ("Stable_Cascade_C", TINY_CASCADE_C),
+    "hunyuan_image": ("HunyuanImage21", TINY_HUNYUAN_IMAGE),
+    "hidream": ("HiDream", TINY_HIDREAM),
 }
+
+
+def hydit_conditioning(cond: torch.Tensor) -> dict[str, torch.Tensor]:
+    """HunyuanDiT's second text stream: 8 tokens of the CLIP's states stand in for mT5's."""
+    import torch
+
+    batch, length = cond.shape[:2]
+    return {
+        "attention_mask": torch.ones(batch, length),
+        "conditioning_mt5xl": cond[:, :8],
+        "attention_mask_mt5xl": torch.ones(batch, 8),
+    }
+
+
+def hidream_conditioning(cond: torch.Tensor) -> dict[str, torch.Tensor]:
+    """HiDream's Llama hidden states, (batch, layers, tokens, width): three 8-token windows of
+    the CLIP's states stand in for the three layers `TINY_HIDREAM` reads."""
+    import torch
+
+    return {"conditioning_llama3": torch.stack([cond[:, i : i + 8] for i in range(3)], dim=1)}
+
+
+# kind -> (pixels to collect at, latent sides to sample at), where 64 px and (8, 16) fail
+SIZES = {"pixart_sigma": (320, (40, 48))}
+
+# kind -> what its text encoder adds to the conditioning, from the CLIP's token states
+TextExtras = Callable[["torch.Tensor"], dict[str, "torch.Tensor"]]
+TEXT_EXTRAS: dict[str, TextExtras] = {"hydit": hydit_conditioning, "hidream": hidream_conditioning}
 
 
 def comfyui_path() -> Path:
@@ -164,7 +239,8 @@ def init_weights(module, seed: int = 0) -> None:
 
 def tiny_model(kind: str = "sd15", seed: int = 0):
     """A MODEL (ModelPatcher) with a tiny SD1.5-config UNet, FLUX, or a model of `FAMILIES`
-    (SD3, Wan 2.1, Lumina2, Qwen-Image, Chroma, AuraFlow, FLUX.2), float32, CPU."""
+    (SD3, Wan 2.1, Lumina2, Qwen-Image, Chroma, AuraFlow, FLUX.2, PixArt-Sigma, HunyuanDiT,
+    Stable Cascade stage C, HunyuanImage 2.1, HiDream), float32, CPU."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
@@ -185,8 +261,13 @@ def tiny_model(kind: str = "sd15", seed: int = 0):
     )
 
 
-def tiny_clip(seed: int = 0, hidden: int = 32):
-    """A CLIP with a 2-layer CLIP-L of width `hidden` and ComfyUI's SD1 tokenizer."""
+def tiny_clip(
+    seed: int = 0,
+    hidden: int = 32,
+    extras: TextExtras | None = None,
+):
+    """A CLIP with a 2-layer CLIP-L of width `hidden` and ComfyUI's SD1 tokenizer; `extras`
+    (of `TEXT_EXTRAS`) adds a family's further text conditioning, as its text encoder does."""
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models_base
@@ -213,6 +294,12 @@ def tiny_clip(seed: int = 0, hidden: int = 32):
                 **kwargs,
             )
 
+        def encode_token_weights(self, token_weight_pairs):
+            cond, pooled, *rest = super().encode_token_weights(token_weight_pairs)
+            if extras is None:
+                return (cond, pooled, *rest)
+            return cond, pooled, {**(rest[0] if rest else {}), **extras(cond)}
+
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinyClip)
     clip = comfy.sd.CLIP(target=target)
     init_weights(clip.cond_stage_model, seed)
@@ -220,9 +307,10 @@ def tiny_clip(seed: int = 0, hidden: int = 32):
 
 
 def encode(clip, text: str, **extra) -> list:
-    """CLIPTextEncode."""
-    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-    return [[cond, {"pooled_output": pooled, **extra}]]
+    """CLIPTextEncode, with `extra` added to the conditioning."""
+    output = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
+    cond = output.pop("cond")
+    return [[cond, {**output, **extra}]]
 
 
 def sample(model, positive, negative, seed: int = 0, steps: int = 3, cfg: float = 5.0, size=16):

@@ -13,6 +13,8 @@ import pytest
 import torch
 from comfy_support import (
     PACK,
+    SIZES,
+    TEXT_EXTRAS,
     encode,
     load_pack,
     sample,
@@ -329,21 +331,67 @@ def test_flux_blocks_collect_and_steer_image_tokens(pack):
             "auraflow",
             ["double_layers.0:0", "double_layers.0:1", "single_layers.0", "single_layers.1"],
         ),
+        # PixArt-Sigma: its pos-embed needs latents over 32 x 32, so it runs at 40 and 48
+        ("pixart_sigma", ["blocks.0", "blocks.1"]),
+        # HunyuanDiT: CLIP and mT5 tokens (`TEXT_EXTRAS`), both with attention masks
+        ("hydit", ["blocks.0", "blocks.1"]),
+        # Stable Cascade stage C is neither a UNet nor a DiT: every norm layer, LayerNorm2d
+        # over the channels of (B, C, H, W) maps, and the LayerNorm of its text tokens
+        (
+            "cascade_c",
+            [
+                "clip_norm",
+                "embedding.2",
+                "down_blocks.0.0.norm",
+                "down_blocks.0.2.norm",
+                "down_blocks.1.0.norm",
+                "down_blocks.1.2.norm",
+                "down_downscalers.1.0",
+                "up_blocks.0.0.norm",
+                "up_blocks.0.2.norm",
+                "up_blocks.1.0.norm",
+                "up_blocks.1.2.norm",
+                "up_upscalers.0.0",
+                "clf.0",
+            ],
+        ),
+        # HunyuanImage 2.1 is FLUX-style: 64-channel latents at /32, no glyph (byT5) tokens
+        (
+            "hunyuan_image",
+            [
+                "double_blocks.0:0",
+                "double_blocks.0:1",
+                "double_blocks.1:0",
+                "double_blocks.1:1",
+                "single_blocks.0",
+            ],
+        ),
+        # HiDream: Llama states (`TEXT_EXTRAS`); single stream blocks hold [image; text]
+        (
+            "hidream",
+            [
+                "double_stream_blocks.0:0",
+                "double_stream_blocks.0:1",
+                "single_stream_blocks.0",
+                "single_stream_blocks.1",
+            ],
+        ),
     ],
 )
 def test_dits_collect_their_block_outputs_and_steer(pack, kind, sites):
-    model, clip = tiny_model(kind), tiny_clip()
-    samples = _collect(pack, model, clip, batch_size=2, width=64, height=64)
+    model, clip = tiny_model(kind), tiny_clip(extras=TEXT_EXTRAS.get(kind))
+    pixels, (small, large) = SIZES.get(kind, (64, (8, 16)))
+    samples = _collect(pack, model, clip, batch_size=2, width=pixels, height=pixels)
     assert samples.sites == [f"diffusion_model.{site}" for site in sites]
     transport = _fit(pack, samples, support="all")
     conds = encode(clip, "a photo of a cat"), encode(clip, "")
-    plain = sample(model, *conds, size=8)
+    plain = sample(model, *conds, size=small)
     (off, _) = _apply(pack, transport, model=model, strength=0.0)
-    assert torch.equal(sample(off, *conds, size=8), plain)
+    assert torch.equal(sample(off, *conds, size=small), plain)
     (on, _) = _apply(pack, transport, model=model, strength=1.0)
-    assert not torch.allclose(sample(on, *conds, size=8), plain, atol=1e-4)
-    assert not torch.allclose(sample(on, *conds, size=16), sample(model, *conds, size=16))
-    assert torch.equal(sample(model, *conds, size=8), plain)  # the input MODEL is untouched
+    assert not torch.allclose(sample(on, *conds, size=small), plain, atol=1e-4)
+    assert not torch.allclose(sample(on, *conds, size=large), sample(model, *conds, size=large))
+    assert torch.equal(sample(model, *conds, size=small), plain)  # the input MODEL is untouched
     assert _hooks_left(model.model.diffusion_model) == 0
 
 

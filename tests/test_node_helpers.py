@@ -102,22 +102,26 @@ def test_real_tokens_run_up_to_the_first_end_token(helpers):
 
 
 @pytest.mark.parametrize(
-    ("channels", "ratio", "dimensions", "shape"),
+    ("channels", "ratio", "dimensions", "frames", "shape"),
     [
-        (4, 8, 2, (3, 4, 16, 8)),  # SD1.5 / SDXL at 64 x 128 pixels
-        (128, 16, 2, (3, 128, 8, 4)),  # FLUX.2
-        (48, 16, 3, (3, 48, 1, 8, 4)),  # Wan 2.2 5B: one frame
-        (64, 32, 2, (3, 64, 4, 2)),  # HunyuanImage 2.1
+        (4, 8, 2, 9, (3, 4, 16, 8)),  # SD1.5 / SDXL at 64 x 128 pixels: no frames
+        (128, 16, 2, 1, (3, 128, 8, 4)),  # FLUX.2
+        (48, 16, 3, 1, (3, 48, 1, 8, 4)),  # Wan 2.2 5B: one frame
+        (16, 8, 3, 9, (3, 16, 3, 16, 8)),  # Wan 2.1: 9 frames are 3 latent frames
+        (64, 32, 2, 1, (3, 64, 4, 2)),  # HunyuanImage 2.1
     ],
 )
 def test_the_collection_latent_follows_the_models_latent_format(
-    collection, channels, ratio, dimensions, shape
+    collection, channels, ratio, dimensions, frames, shape
 ):
     latent_format = SimpleNamespace(
-        latent_channels=channels, spacial_downscale_ratio=ratio, latent_dimensions=dimensions
+        latent_channels=channels,
+        spacial_downscale_ratio=ratio,
+        latent_dimensions=dimensions,
+        temporal_downscale_ratio=4 if dimensions == 3 else 1,
     )
     model = SimpleNamespace(get_model_object=lambda name: latent_format, model=nn.Identity())
-    latent = collection.collection.collection_latent(model, 3, width=64, height=128)
+    latent = collection.collection.collection_latent(model, 3, 64, 128, frames)
     assert tuple(latent.shape) == shape and not latent.any()
 
 
