@@ -21,7 +21,7 @@ from .baking import Baked, bake, bake_deltas
 from .collection import collect
 from .diffusers import PipelineSteering, collect_pipeline, fit_pipeline, steer_pipeline
 from .diffusers.anatomy import is_pipeline
-from .errors import ActError, ModelMismatchError, TransportFileError
+from .errors import ActError, ModelMismatchError, ModulesNeverRanError, TransportFileError
 from .fitting import fit_transport
 from .maps import ModuleMap
 from .recording import Recorder, record
@@ -41,6 +41,7 @@ __all__ = [
     "Batch",
     "ModelMismatchError",
     "ModuleMap",
+    "ModulesNeverRanError",
     "PipelineSteering",
     "Recorder",
     "Samples",

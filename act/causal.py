@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ActError
+from .errors import ActError, ModulesNeverRanError
 from .fitting import fit_transport
 from .hooks import (
     can_modify_in_place,
@@ -139,8 +139,9 @@ class _CausalFitter:
         """Raise if some selected module never ran."""
         missing = [name for name in self.groups if name not in self.order]
         if missing:
-            raise ActError(
-                f"modules {missing} never ran during collection; check the layer selection"
+            raise ModulesNeverRanError(
+                f"modules {missing} never ran during collection; check the layer selection",
+                missing,
             )
 
 

@@ -11,3 +11,11 @@ class TransportFileError(ActError):
 
 class ModelMismatchError(ActError):
     """A transport does not fit the model it is applied to (missing module, other width)."""
+
+
+class ModulesNeverRanError(ActError):
+    """Selected modules produced no output while the model ran (`sites`: which)."""
+
+    def __init__(self, message: str, sites: list[str]) -> None:
+        super().__init__(message)
+        self.sites = sites

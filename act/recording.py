@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ActError
+from .errors import ActError, ModulesNeverRanError
 from .hooks import group_by_module, holds_channels, is_channel_map, pick_output, resolve_module
 
 
@@ -135,7 +135,9 @@ class Recorder:
         """Recorded samples so far: {site: (N, D) float32 CPU tensor}."""
         missing = [site for site, rows in self._rows.items() if not rows]
         if missing:
-            raise ActError(f"no activations were recorded for {missing}; these modules never ran")
+            raise ModulesNeverRanError(
+                f"no activations were recorded for {missing}; these modules never ran", missing
+            )
         return {site: torch.cat(rows) for site, rows in self._rows.items()}
 
     def take(self) -> dict[str, torch.Tensor]:

@@ -8,9 +8,15 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io, ui
 
-from ..act import collect
+from ..act import ModulesNeverRanError, collect
 from ..act.maps import METHODS
-from .collection import WHERE, collection_batches, collection_root, describe_models
+from .collection import (
+    WHERE,
+    collection_batches,
+    collection_root,
+    describe_models,
+    never_ran_error,
+)
 from .presets import LAYER_CHOICES
 from .prompts import parse_prompts
 from .types import CATEGORY, Samples
@@ -188,16 +194,21 @@ class CollectActivations(io.ComfyNode):
             progress.update_absolute(done, total)
 
         start = time.perf_counter()
-        samples = collect(
-            root,
-            sites,
-            batches,
-            causal=causal,
-            method=method,
-            support=support,
-            progress=report,
-            info={"source_prompts": prompts["source"], "target_prompts": prompts["target"]},
-        )
+        try:
+            samples = collect(
+                root,
+                sites,
+                batches,
+                causal=causal,
+                method=method,
+                support=support,
+                progress=report,
+                info={"source_prompts": prompts["source"], "target_prompts": prompts["target"]},
+            )
+        except ModulesNeverRanError as error:
+            raise never_ran_error(
+                error, root, describe_models(model, clip, where), layers
+            ) from None
         samples.model_class = describe_models(model, clip, where)
         summary = (
             f"{samples.model_class}: {samples.summary()} in {time.perf_counter() - start:.1f} s"

@@ -16,9 +16,9 @@ import comfy.model_management
 import torch
 from torch import nn
 
-from ..act import ActError, Batch
+from ..act import ActError, Batch, ModulesNeverRanError
 from . import diffusion_model, text_encoder
-from .presets import resolve_layers
+from .presets import resolve_layers, suggested_regex
 
 WHERE = ["diffusion model", "text encoder", "both"]
 
@@ -108,6 +108,21 @@ def describe_models(model: Any, clip: Any, where: str) -> str:
     if where in ("text encoder", "both"):
         parts.append(type(clip.cond_stage_model).__name__)
     return " + ".join(parts)
+
+
+def never_ran_error(
+    error: ModulesNeverRanError, root: nn.ModuleDict, models: str, layers: str
+) -> ActError:
+    """The node's error for modules that never ran: the model classes, the layers choice and
+    a `custom regex` to try instead."""
+    part = error.sites[0].partition(".")[0] if error.sites else diffusion_model.PREFIX
+    module = root[part] if part in root else next(iter(root.values()))
+    return ActError(
+        f"Collect Activations: {len(error.sites)} of the modules that layers {layers!r} chose "
+        f"on the {models} never ran (e.g. {error.sites[0]!r}), so they cannot be steered; "
+        f"choose 'custom regex' and name modules that run, such as the outputs of its blocks "
+        f"(e.g. '{suggested_regex(module)}')"
+    )
 
 
 def collection_batches(

@@ -77,6 +77,13 @@ def block_modules(diffusion_model: nn.Module) -> list[str]:
     ]
 
 
+def suggested_regex(model: nn.Module) -> str:
+    """A `custom regex` naming the blocks of the model's first block list (`blocks\\.\\d+`)."""
+    lists = [name for name, child in model.named_children() if isinstance(child, nn.ModuleList)]
+    known = [name for name in BLOCK_LISTS if name in lists]
+    return f"{(known or lists or ['blocks'])[0]}\\.\\d+"
+
+
 def auto_norm_sites(model: nn.Module) -> list[str]:
     """Every normalization layer but attention q/k norms and those of vision towers."""
     return [
@@ -109,7 +116,7 @@ def resolve_layers(
             raise ActError(
                 f"a dry run of the {type(model).__name__} found no block that outputs tokens "
                 f"among {blocks[0]!r}…{blocks[-1]!r}; choose 'custom regex' and name the "
-                r"modules to steer (e.g. 'blocks\.\d+')"
+                f"modules to steer (e.g. '{suggested_regex(model)}')"
             )
         return sites
     if layers == "auto":
@@ -121,5 +128,8 @@ def resolve_layers(
     else:
         raise ActError(f"unknown layers choice {layers!r}; choose one of {LAYER_CHOICES}")
     if not sites:
-        raise ActError(f"{type(model).__name__} has no module for the choice {layers!r}")
+        raise ActError(
+            f"{type(model).__name__} has no module for the choice {layers!r}; choose 'custom "
+            f"regex' and name the modules to steer (e.g. '{suggested_regex(model)}')"
+        )
     return sites

@@ -328,3 +328,177 @@ def sample(model, positive, negative, seed: int = 0, steps: int = 3, cfg: float 
 
 def temporary_base() -> Path:
     return Path(tempfile.mkdtemp(prefix="act-comfyui-"))
+
+
+# The text encoders of DiT families, shrunk. ComfyUI reads `<name>_model_config` from the
+# model options into a text model's config and `<name>_class` for the class of an
+# SD1ClipModel-style wrapper's encoder, so the wrappers and tokenizers stay ComfyUI's own.
+# LLM configs keep their dataclass' `head_dim` (a class attribute, not a field).
+TINY_LLM = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "num_key_value_heads": 1,
+}  # fmt: skip
+
+TINY_T5 = {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
+
+TINY_CLIP_L = {
+    "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+    "num_hidden_layers": 2, "projection_dim": 32,
+}  # fmt: skip
+
+# kind -> (tokenizer embedding key of its padded encoder, its final norm's site)
+TEXT_ENCODERS = {
+    "qwen_image": ("qwen25_7b", "clip.qwen25_7b.transformer.model.norm"),
+    "hunyuan_image": ("qwen25_7b", "clip.qwen25_7b.transformer.model.norm"),
+    "z_image": ("qwen3_4b", "clip.qwen3_4b.transformer.model.norm"),
+    "flux2_klein": ("qwen3_4b", "clip.qwen3_4b.transformer.model.norm"),
+    "lumina2": ("gemma2_2b", "clip.gemma2_2b.transformer.model.norm"),
+    "flux": ("t5xxl", "clip.t5xxl.transformer.encoder.final_layer_norm"),
+}
+
+
+def tiny_qwen25_vl_models() -> tuple[type, type]:
+    """Qwen-Image's and HunyuanImage's Qwen2.5-VL wrappers around a tiny `Qwen25_7BVLI`.
+
+    ComfyUI's `Qwen25_7BVLI` builds a fixed 32-layer, 1280-wide vision tower (`visual`): the
+    tiny one builds the same `Qwen2VLVisionTransformer` with 2 layers of width 32.
+    """
+    import comfy.text_encoders.hunyuan_image
+    import comfy.text_encoders.llama as llama
+    import comfy.text_encoders.qwen_image
+    import comfy.text_encoders.qwen_vl
+    import torch
+    from comfy import sd1_clip
+
+    class TinyQwen25VL(llama.Qwen25_7BVLI):
+        def __init__(self, config_dict, dtype, device, operations):
+            torch.nn.Module.__init__(self)
+            config = llama.Qwen25_7BVLI_Config(**config_dict)
+            self.num_layers = config.num_hidden_layers
+            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
+            self.visual = comfy.text_encoders.qwen_vl.Qwen2VLVisionTransformer(
+                hidden_size=32, output_hidden_size=config.hidden_size, intermediate_size=64,
+                num_heads=2, num_layers=2, device=device, dtype=dtype, ops=operations,
+            )  # fmt: skip
+            self.dtype = dtype
+
+    def tiny(wrapper: type, layer: str, layer_idx: int | None) -> type:
+        """`wrapper` initialized as ComfyUI initializes it, but building `TinyQwen25VL`."""
+
+        class Tiny(wrapper):
+            def __init__(self, device="cpu", dtype=None, attention_mask=True, model_options={}):  # noqa: B006
+                sd1_clip.SDClipModel.__init__(
+                    self, device=device, layer=layer, layer_idx=layer_idx,
+                    textmodel_json_config={}, dtype=dtype, special_tokens={"pad": 151643},
+                    layer_norm_hidden_state=False, model_class=TinyQwen25VL,
+                    enable_attention_masks=attention_mask,
+                    return_attention_masks=attention_mask, model_options=model_options,
+                )  # fmt: skip
+
+        return Tiny
+
+    # the layers ComfyUI's wrappers read: the last (Qwen-Image), the third from last (Hunyuan)
+    return (
+        tiny(comfy.text_encoders.qwen_image.Qwen25_7BVLIModel, "last", None),
+        tiny(comfy.text_encoders.hunyuan_image.Qwen25_7BVLIModel, "hidden", -3),
+    )
+
+
+def tiny_spiece_model() -> bytes:
+    """A small SentencePiece model with Gemma's special ids (pad 0, eos 1, bos 2, unk 3):
+    Gemma2's tokenizer comes with the checkpoint, not with ComfyUI."""
+    import io
+
+    import sentencepiece
+
+    words = "a photo watercolor painting of the cat dog house tree car boat red blue sky"
+    corpus = [f"{first} {second}" for first in words.split() for second in words.split()]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=64, model_type="bpe",
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, num_threads=1, hard_vocab_limit=False,
+        minloglevel=2,
+    )  # fmt: skip
+    return model.getvalue()
+
+
+def text_encoder_target(kind: str) -> tuple[type, type, dict, dict]:
+    """ComfyUI's tokenizer and text encoder classes of a family of `TEXT_ENCODERS`, and the
+    model options and tokenizer data that shrink the encoder."""
+    import comfy.text_encoders.flux as flux
+    import comfy.text_encoders.hunyuan_image
+    import comfy.text_encoders.lumina2
+    import comfy.text_encoders.qwen_image
+    import comfy.text_encoders.z_image
+
+    if kind in ("qwen_image", "hunyuan_image"):
+        qwen_image, hunyuan_image = tiny_qwen25_vl_models()
+        if kind == "qwen_image":
+            options = {"qwen25_7b_class": qwen_image, "qwen25_7b_model_config": TINY_LLM}
+            return (
+                comfy.text_encoders.qwen_image.QwenImageTokenizer,
+                comfy.text_encoders.qwen_image.te(),
+                options,
+                {},
+            )
+        # layer -3 needs 4 layers; ByT5 (for quoted text) is left out, as te(byt5=False) does
+        config = {**TINY_LLM, "num_hidden_layers": 4}
+        options = {"qwen25_7b_class": hunyuan_image, "qwen25_7b_model_config": config}
+        return (
+            comfy.text_encoders.hunyuan_image.HunyuanImageTokenizer,
+            comfy.text_encoders.hunyuan_image.te(byt5=False),
+            options,
+            {},
+        )
+    if kind == "z_image":
+        # Qwen3 with attention q/k norms; layer -2 needs 3 layers; no padding (min length 1)
+        options = {"qwen3_4b_model_config": {**TINY_LLM, "num_hidden_layers": 3}}
+        return (
+            comfy.text_encoders.z_image.ZImageTokenizer,
+            comfy.text_encoders.z_image.te(),
+            options,
+            {},
+        )
+    if kind == "flux2_klein":
+        # Qwen3 padded to 512 tokens with no end token; ComfyUI stacks the outputs of three
+        # inner layers (9, 18 and 27 of 36): the tiny one those of layers 1, 2 and 3 of 4
+        class TinyKleinQwen3(flux.Qwen3_4BModel):
+            def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006
+                super().__init__(
+                    device=device, layer=[1, 2, 3], dtype=dtype, model_options=model_options
+                )
+
+        options = {
+            "qwen3_4b_class": TinyKleinQwen3,
+            "qwen3_4b_model_config": {**TINY_LLM, "num_hidden_layers": 4},
+        }
+        return flux.KleinTokenizer, flux.klein_te(), options, {}
+    if kind == "lumina2":
+        # Gemma2: four norms a layer, a start token, no end token; layer -2 needs 3 layers
+        options = {"gemma2_2b_model_config": {**TINY_LLM, "num_hidden_layers": 3}}
+        return (
+            comfy.text_encoders.lumina2.LuminaTokenizer,
+            comfy.text_encoders.lumina2.te(),
+            options,
+            {"spiece_model": tiny_spiece_model()},
+        )
+    if kind == "flux":
+        # CLIP-L (padded to 77 with its end token) and T5-XXL (end token, padded to 256)
+        options = {"clip_l_model_config": TINY_CLIP_L, "t5xxl_model_config": TINY_T5}
+        return flux.FluxTokenizer, flux.flux_clip(), options, {}
+    raise ValueError(f"unknown text encoder {kind!r}")
+
+
+def tiny_text_encoder(kind: str, seed: int = 0, min_length: int | None = None):
+    """A CLIP with the tiny text encoder of a family of `TEXT_ENCODERS`, built as ComfyUI
+    builds it; `min_length` pads its main tokenizer to that many tokens."""
+    import comfy.sd
+    import comfy.supported_models_base
+
+    tokenizer, model, options, data = text_encoder_target(kind)
+    if min_length is not None:
+        data = {**data, f"{TEXT_ENCODERS[kind][0]}_min_length": min_length}
+    target = comfy.supported_models_base.ClipTarget(tokenizer, model)
+    clip = comfy.sd.CLIP(target=target, model_options=options, tokenizer_data=data)
+    init_weights(clip.cond_stage_model, seed)
+    return clip

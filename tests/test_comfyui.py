@@ -14,6 +14,7 @@ import torch
 from comfy_support import (
     PACK,
     SIZES,
+    TEXT_ENCODERS,
     TEXT_EXTRAS,
     encode,
     load_pack,
@@ -22,6 +23,7 @@ from comfy_support import (
     temporary_base,
     tiny_clip,
     tiny_model,
+    tiny_text_encoder,
 )
 
 THINGS = ("cat", "dog", "house", "tree", "car", "boat")
@@ -56,6 +58,7 @@ def _collect(pack, model, clip, **overrides):
         causal=False,
         method="linear",
         support="range",
+        frames=1,
     )
     arguments.update(overrides)
     return pack.nodes["AcTCollectActivations"].execute(**arguments).result[0]
@@ -196,6 +199,93 @@ def test_text_encoder_samples_pool_real_tokens_only(pack, sd15):
         handle.remove()
     real = captured["out"][0, :4].float().mean(dim=0)  # start token, "a", "cat", end token
     torch.testing.assert_close(short.source[site][0], real, rtol=1e-4, atol=1e-5)
+
+
+# kind -> (number of "auto" sites, what "auto" must leave out of ComfyUI's norm layers)
+DIT_TEXT_ENCODERS = {
+    "qwen_image": (5, "vision"),  # Qwen2.5-VL: 2 layers x 2 norms + final; `visual` has norms
+    "hunyuan_image": (9, "vision"),  # Qwen2.5-VL, 4 layers (ComfyUI reads layer -3)
+    "z_image": (7, "attention"),  # Qwen3, 3 layers: q_norm / k_norm in every attention
+    "flux2_klein": (9, "attention"),  # Qwen3, 4 layers, padded to 512 tokens
+    "lumina2": (13, None),  # Gemma2, 3 layers x 4 norms + final
+    "flux": (10, None),  # CLIP-L (2 x 2 + final) and T5-XXL (2 x 2 + final)
+}
+# kinds whose tokenizer pads in ComfyUI; the others are padded to 64 tokens for the test
+PADDED_BY_COMFYUI = ("flux2_klein", "flux")
+
+
+def _left_out_norms(pack, clip, which: str | None) -> list[str]:
+    """The text encoder's norm layers that "auto" must not pick: vision-tower or attention
+    q/k norms."""
+    presets = importlib.import_module(f"{PACK}.nodes.presets")
+    selection = importlib.import_module(f"{PACK}.act.selection")
+    pattern = {"vision": presets.VISION_TOWERS, "attention": presets.ATTENTION_NORMS}.get(which)
+    names = selection.norm_sites(clip.cond_stage_model)
+    return [name for name in names if pattern is not None and pattern.match(name)]
+
+
+@pytest.mark.parametrize("kind", DIT_TEXT_ENCODERS)
+def test_dit_text_encoders_collect_and_steer_leave_the_input_clip_alone(pack, kind):
+    count, left_out = DIT_TEXT_ENCODERS[kind]
+    clip = tiny_text_encoder(kind)
+    patches = dict(clip.patcher.object_patches)  # ComfyUI's own (`manual_cast_dtype`)
+    presets = importlib.import_module(f"{PACK}.nodes.presets")
+    samples = _collect(pack, None, clip, where="text encoder", batch_size=4)
+    sites = list(samples.sites)
+    assert len(sites) == count and TEXT_ENCODERS[kind][1] in sites
+    assert all(site.startswith("clip.") for site in sites)
+    for site in sites:
+        name = site.removeprefix("clip.")
+        assert not presets.VISION_TOWERS.match(name) and not presets.ATTENTION_NORMS.match(name)
+    if left_out is not None:  # the encoder has such norms, and none was picked
+        assert _left_out_norms(pack, clip, left_out)
+    transport = _fit(pack, samples)
+    tokens = clip.tokenize("a photo of a cat")
+    plain = clip.encode_from_tokens(tokens)
+    (_, off) = _apply(pack, transport, clip=clip, strength=0.0)
+    assert torch.equal(off.encode_from_tokens(tokens), plain)
+    (_, steered) = _apply(pack, transport, clip=clip, strength=1.0)
+    assert not torch.allclose(steered.encode_from_tokens(tokens), plain, atol=1e-4)
+    assert torch.equal(clip.encode_from_tokens(tokens), plain)  # the input CLIP is untouched
+    assert _hooks_left(clip.cond_stage_model) == 0
+    assert clip.patcher.object_patches == patches
+
+
+def _site_outputs(clip, site: str, text: str) -> list[torch.Tensor]:
+    """Every output of a text-encoder site while `clip` encodes `text`."""
+    outputs = []
+    module = clip.cond_stage_model.get_submodule(site.removeprefix("clip."))
+    handle = module.register_forward_hook(lambda m, a, o: outputs.append(o.detach().clone()))
+    try:
+        clip.encode_from_tokens(clip.tokenize(text))
+    finally:
+        handle.remove()
+    return outputs
+
+
+@pytest.mark.parametrize("kind", DIT_TEXT_ENCODERS)
+def test_dit_text_encoder_samples_pool_real_tokens_only(pack, kind):
+    key, site = TEXT_ENCODERS[kind]
+    unpadded = tiny_text_encoder(kind, min_length=1)
+    padded = tiny_text_encoder(kind, min_length=None if kind in PADDED_BY_COMFYUI else 64)
+    real = len(unpadded.tokenize("a cat")[key][0])
+    assert len(padded.tokenize("a cat")[key][0]) > real  # padding follows the real tokens
+
+    def pooled(clip) -> dict[str, torch.Tensor]:
+        samples = _collect(
+            pack, None, clip, where="text encoder", source_prompts="a cat", target_prompts="a dog"
+        )
+        return {name: values[0] for name, values in samples.source.items()}
+
+    samples = pooled(padded)
+    (output,) = _site_outputs(padded, site, "a cat")
+    expected = output[0, :real].float().mean(dim=0)
+    torch.testing.assert_close(samples[site].float(), expected, rtol=1e-4, atol=1e-5)
+    if kind == "flux":
+        return  # T5 attends to its padding (Flux passes no attention mask): states differ
+    # causal decoders: the real tokens' states, hence the samples, do not see the padding
+    for name, values in pooled(unpadded).items():
+        torch.testing.assert_close(samples[name].float(), values.float(), rtol=1e-3, atol=1e-4)
 
 
 def test_causal_collection_from_the_graph(pack, sd15):
@@ -396,15 +486,18 @@ def test_dits_collect_their_block_outputs_and_steer(pack, kind, sites):
 
 
 @pytest.mark.parametrize(
-    ("kind", "site", "after"),
+    ("kind", "site", "after", "image_first"),
     [
-        ("flux", "single_blocks.0", "single_blocks.1"),  # [text; image], `img_slice`
-        ("auraflow", "single_layers.0", "single_layers.1"),  # [registers; text; image]
-        ("lumina2", "layers.0", "layers.1"),  # [caption; image]
+        ("flux", "single_blocks.0", "single_blocks.1", False),  # [text; image], `img_slice`
+        ("auraflow", "single_layers.0", "single_layers.1", False),  # [registers; text; image]
+        ("lumina2", "layers.0", "layers.1", False),  # [caption; image]
+        ("hidream", "single_stream_blocks.0", "single_stream_blocks.1", True),  # [image; text]
     ],
 )
-def test_joint_blocks_steer_image_tokens_and_leave_text_tokens_alone(pack, kind, site, after):
-    model, clip = tiny_model(kind), tiny_clip()
+def test_joint_blocks_steer_image_tokens_and_leave_text_tokens_alone(
+    pack, kind, site, after, image_first
+):
+    model, clip = tiny_model(kind), tiny_clip(extras=TEXT_EXTRAS.get(kind))
     samples = _collect(pack, model, clip, batch_size=2, width=64, height=64)
     transport = _fit(pack, samples, support="all").subset([f"diffusion_model.{site}"])
     conds = encode(clip, "a photo of a cat", guidance=3.5), encode(clip, "", guidance=3.5)
@@ -412,9 +505,12 @@ def test_joint_blocks_steer_image_tokens_and_leave_text_tokens_alone(pack, kind,
 
     def first_input_of_next_block(patcher) -> torch.Tensor:
         seen = []
-        hook = root.get_submodule(after).register_forward_pre_hook(
-            lambda module, args, kwargs: seen.append(args[0].clone()), with_kwargs=True
-        )
+
+        def record(module, args, kwargs) -> None:
+            tokens = args[0] if args else kwargs["image_tokens"]  # HiDream passes keywords
+            seen.append(tokens.clone())
+
+        hook = root.get_submodule(after).register_forward_pre_hook(record, with_kwargs=True)
         try:
             sample(patcher, *conds, cfg=1.0, size=8, steps=1)
         finally:
@@ -424,10 +520,41 @@ def test_joint_blocks_steer_image_tokens_and_leave_text_tokens_alone(pack, kind,
     plain = first_input_of_next_block(model)
     (steered, _) = _apply(pack, transport, model=model, strength=1.0)
     moved = first_input_of_next_block(steered)
-    image = 4 * 4  # an 8 x 8 latent in 2 x 2 patches; the image tokens come last
-    assert plain.shape[1] > image
-    assert torch.equal(moved[:, :-image], plain[:, :-image])
-    assert not torch.allclose(moved[:, -image:], plain[:, -image:], atol=1e-4)
+    count = 4 * 4  # an 8 x 8 latent in 2 x 2 patches
+    image = slice(0, count) if image_first else slice(-count, None)
+    text = slice(count, None) if image_first else slice(0, -count)
+    assert plain.shape[1] > count
+    assert torch.equal(moved[:, text], plain[:, text])
+    assert not torch.allclose(moved[:, image], plain[:, image], atol=1e-4)
+
+
+def test_collecting_modules_that_never_run_names_the_model_and_a_regex(pack, sd15):
+    act = importlib.import_module(f"{PACK}.act")
+    model = tiny_model("sd15", seed=1)
+    model.model.diffusion_model.add_module("unused", torch.nn.LayerNorm(32))
+    message = (
+        r"1 of the modules that layers 'all norm layers' chose on the SD15 UNetModel never "
+        r"ran \(e\.g\. 'diffusion_model\.unused'\).*custom regex.*'input_blocks\\\.\\d\+'"
+    )
+    with pytest.raises(act.ActError, match=message):
+        _collect(pack, model, sd15.clip, layers="all norm layers")
+    assert _hooks_left(model.model.diffusion_model) == 0
+
+
+def test_video_collection_runs_the_frames_asked_for(pack):
+    model, clip = tiny_model("wan"), tiny_clip()
+    frames = []
+    hook = model.model.diffusion_model.register_forward_pre_hook(
+        lambda module, args: frames.append(args[0].shape[2])
+    )
+    try:
+        still = _collect(pack, model, clip, batch_size=2, width=64, height=64)
+        video = _collect(pack, model, clip, batch_size=2, width=64, height=64, frames=9)
+    finally:
+        hook.remove()
+    assert set(frames) == {1, 3}  # 9 frames are 3 latent frames (Wan compresses time by 4)
+    assert still.sites == video.sites
+    assert not torch.allclose(still.source[still.sites[0]], video.source[video.sites[0]])
 
 
 def test_steering_modules_that_never_run_is_an_error_not_a_silent_no_op(pack, sd15):

@@ -32,9 +32,17 @@ FEATURES = {
     "save_transport_sd15",
     "load_transport_sd15",
     "llm_steering",
+    "style_and_negation_flux",
+    "style_and_negation_sd35",
 }
 # the file names users already have (so a shared workflow finds their checkpoint)
-CHECKPOINTS = {"v1-5-pruned-emaonly.safetensors": 512, "sd_xl_base_1.0.safetensors": 1024}
+CHECKPOINTS = {
+    "v1-5-pruned-emaonly.safetensors": 512,
+    "sd_xl_base_1.0.safetensors": 1024,
+    "flux1-dev-fp8.safetensors": 1024,  # Comfy-Org's FLUX.1 dev with its text encoders and VAE
+    "sd3.5_large_fp8_scaled.safetensors": 1024,  # Comfy-Org's SD3.5 Large, likewise
+}
+LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage")
 BUILT_IN_LLM = "smollm2 (built-in)"  # works wherever the pack's model requirements are installed
 PATHS = {path.stem: path for path in workflow_paths()}
 
@@ -85,7 +93,7 @@ def test_defaults_are_for_real_use(name, schemas):
     if not checkpoints:
         return
     (resolution,) = {CHECKPOINTS[name] for name in checkpoints}
-    for node in nodes_of(workflow, "EmptyLatentImage"):
+    for node in [node for kind in LATENTS for node in nodes_of(workflow, kind)]:
         values = widget_values(node, schemas)
         assert (values["width"], values["height"]) == (resolution, resolution)
     for node in nodes_of(workflow, "AcTCollectActivations"):

