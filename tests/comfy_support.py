@@ -135,8 +135,25 @@ TINY_HIDREAM = {
     "max_resolution": [32, 32], "llama_layers": [0, 1, 2],
 }  # fmt: skip
 
+TINY_SDXL = {
+    **TINY_SD15_UNET, "use_linear_in_transformer": True, "num_classes": "sequential",
+    "adm_in_channels": 32 + 6 * 256,  # the pooled CLIP state and six 256-wide size embeddings
+    "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
+}  # fmt: skip
+
+TINY_Z_IMAGE = {  # Z-Image's modulation is 256 wide: the model must be as wide
+    **TINY_LUMINA2, "dim": 256, "axes_dims": [32, 48, 48], "z_image_modulation": True,
+    "time_scale": 1000.0, "rope_theta": 256.0,
+}  # fmt: skip
+
+TINY_WAN22_5B = {**TINY_WAN, "in_dim": 48, "out_dim": 48}  # 48-channel latents at /16
+
 # kind -> (class name in comfy.supported_models, unet_config)
 FAMILIES = {
+    "sdxl": ("SDXL", TINY_SDXL),
+    "flux_schnell": ("FluxSchnell", {**TINY_FLUX, "guidance_embed": False}),
+    "z_image": ("ZImage", TINY_Z_IMAGE),
+    "wan22_5b": ("WAN22_T2V", TINY_WAN22_5B),
     "sd3": ("SD3", TINY_SD3),
     "wan": ("WAN21_T2V", TINY_WAN),
     "lumina2": ("Lumina2", TINY_LUMINA2),
@@ -239,8 +256,9 @@ def init_weights(module, seed: int = 0) -> None:
 
 def tiny_model(kind: str = "sd15", seed: int = 0):
     """A MODEL (ModelPatcher) with a tiny SD1.5-config UNet, FLUX, or a model of `FAMILIES`
-    (SD3, Wan 2.1, Lumina2, Qwen-Image, Chroma, AuraFlow, FLUX.2, PixArt-Sigma, HunyuanDiT,
-    Stable Cascade stage C, HunyuanImage 2.1, HiDream), float32, CPU."""
+    (SDXL, FLUX.1 schnell, Z-Image, Wan 2.2 5B, SD3, Wan 2.1, Lumina2, Qwen-Image, Chroma,
+    AuraFlow, FLUX.2, PixArt-Sigma, HunyuanDiT, Stable Cascade stage C, HunyuanImage 2.1,
+    HiDream), float32, CPU."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models

@@ -382,6 +382,20 @@ def test_flux_blocks_collect_and_steer_image_tokens(pack):
         # SD3 skips the DIFFUSION_MODEL wrapper; both streams of every joint block, but the
         # last block updates no text stream (it returns None there)
         ("sd3", ["joint_blocks.0:0", "joint_blocks.0:1", "joint_blocks.1:1"]),
+        # an SDXL-config UNet: every norm layer (its first level has no transformer)
+        ("sdxl", None),
+        (
+            "flux_schnell",  # FLUX.1 without a guidance embedding
+            [
+                "double_blocks.0:0",
+                "double_blocks.0:1",
+                "double_blocks.1:0",
+                "double_blocks.1:1",
+                "single_blocks.0",
+            ],
+        ),
+        ("z_image", ["layers.0", "layers.1"]),  # Lumina2's classes with Z-Image's modulation
+        ("wan22_5b", ["blocks.0", "blocks.1"]),  # 48-channel video latents at /16
         ("wan", ["blocks.0", "blocks.1"]),  # a video DiT: one frame, (B, C, T, H, W) latents
         # Lumina2 / Z-Image: the main layers (not the refiners), never the fused q/k norms
         ("lumina2", ["layers.0", "layers.1"]),
@@ -472,7 +486,14 @@ def test_dits_collect_their_block_outputs_and_steer(pack, kind, sites):
     model, clip = tiny_model(kind), tiny_clip(extras=TEXT_EXTRAS.get(kind))
     pixels, (small, large) = SIZES.get(kind, (64, (8, 16)))
     samples = _collect(pack, model, clip, batch_size=2, width=pixels, height=pixels)
-    assert samples.sites == [f"diffusion_model.{site}" for site in sites]
+    if sites is None:  # a UNet: its GroupNorms and LayerNorms, transformer norms included
+        root = model.model.diffusion_model
+        norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+        names = [site.partition(".")[2] for site in samples.sites]
+        assert all(isinstance(root.get_submodule(name), norms) for name in names)
+        assert "input_blocks.3.1.transformer_blocks.0.norm1" in names
+    else:
+        assert samples.sites == [f"diffusion_model.{site}" for site in sites]
     transport = _fit(pack, samples, support="all")
     conds = encode(clip, "a photo of a cat"), encode(clip, "")
     plain = sample(model, *conds, size=small)
