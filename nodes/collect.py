@@ -193,6 +193,7 @@ class CollectActivations(io.ComfyNode):
             comfy.model_management.throw_exception_if_processing_interrupted()
             progress.update_absolute(done, total)
 
+        models = describe_models(model, clip, where)
         start = time.perf_counter()
         try:
             samples = collect(
@@ -206,10 +207,8 @@ class CollectActivations(io.ComfyNode):
                 info={"source_prompts": prompts["source"], "target_prompts": prompts["target"]},
             )
         except ModulesNeverRanError as error:
-            raise never_ran_error(
-                error, root, describe_models(model, clip, where), layers
-            ) from None
-        samples.model_class = describe_models(model, clip, where)
+            raise never_ran_error(error, root, models, layers) from None
+        samples.model_class = models
         summary = (
             f"{samples.model_class}: {samples.summary()} in {time.perf_counter() - start:.1f} s"
             f"\nlayers ({layers}): {_sites_summary(sites)}"
