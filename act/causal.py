@@ -33,7 +33,7 @@ from .hooks import (
     resolve_module,
 )
 from .maps import ModuleMap
-from .recording import pooled_sample
+from .recording import Pooling, pooled_sample
 from .samples import Batch
 from .steering import transport_in_place, transported
 
@@ -54,12 +54,14 @@ class _CausalFitter:
         batches: Sequence[Batch],
         method: str,
         support: str,
+        pooling: Pooling,
     ) -> None:
         self.groups = group_by_module(sites)
         self.modules = {name: resolve_module(model, name) for name in self.groups}
         self.batches = list(batches)
         self.method = method
         self.support = support
+        self.pooling = pooling
         self.maps: dict[str, ModuleMap] = {}
         self.samples: dict[str, dict[int, torch.Tensor]] = {site: {} for site in sites}
         self.order: list[str] = []
@@ -72,7 +74,13 @@ class _CausalFitter:
             tensor = pick_output(output, index, site)
             channels = holds_channels(self.modules[name], tensor, site)
             pooled = pooled_sample(
-                site, tensor, batch.attention_mask, batch.rows, batch.select, channels=channels
+                site,
+                tensor,
+                batch.attention_mask,
+                batch.rows,
+                batch.select,
+                channels,
+                self.pooling,
             )
             if pooled is not None:
                 self.samples[site][worker] = pooled
@@ -92,7 +100,13 @@ class _CausalFitter:
                 if not rows:
                     raise ActError(f"causal collection needs {label} batches; none were given")
                 split[label][site] = torch.cat(rows)
-        fitted = fit_transport(split["source"], split["target"], self.method, self.support)
+        fitted = fit_transport(
+            split["source"],
+            split["target"],
+            self.method,
+            self.support,
+            per_prompt=not self.pooling.per_token,
+        )
         self.maps.update(fitted.maps)
         self.order.append(name)
 

@@ -11,7 +11,7 @@ from .causal import _CausalFitter, collect_lockstep, collect_truncated
 from .errors import ActError
 from .hooks import module_fingerprint
 from .maps import METHODS, Support
-from .recording import Recorder
+from .recording import DEFAULT_MAX_TOKENS, Pooling, Recorder
 from .samples import Batch, Samples
 from .transport import Transport
 
@@ -25,6 +25,8 @@ def collect(
     method: str = "linear",
     support: str = "range",
     max_live_batches: int | None = None,
+    pooling: str = "mean",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     progress: Callable[[int, int], None] | None = None,
     info: dict | None = None,
 ) -> Samples:
@@ -40,6 +42,11 @@ def collect(
         max_live_batches: causal only: the most batches whose activations may be alive at
             once. With more batches than this, the memory-light truncated schedule runs
             (about (K + 1) / 2 forward passes per sample instead of one).
+        pooling: "mean" (one sample per prompt: the mean of its real tokens, the paper's) or
+            "tokens" (every real token of a token output a sample, at most `max_tokens` per
+            prompt and module; see `act.recording`). Channel maps are spatial means either way.
+        max_tokens: per-token pooling only: the most tokens kept per prompt and module
+            (memory: at most 4 * max_tokens * units bytes per prompt and module).
         progress: called as `progress(done, total)`: batches done, or with `causal`, modules
             fitted. It may raise to cancel; hooks are removed either way.
         info: free-form fields stored with the samples and the transports fitted from them.
@@ -54,14 +61,19 @@ def collect(
         raise ActError(f"collection needs source and target batches; got only {sorted(labels)}")
     if not sites:
         raise ActError("no modules selected: the list of sites is empty")
+    rule = Pooling(pooling, max_tokens)
+    info = dict(info or {})
+    info["pooling"] = rule.kind
+    if rule.per_token:
+        info["max_tokens"] = rule.max_tokens
     samples = Samples(
-        {}, {}, type(model).__name__, module_fingerprint(model, sites), info=info or {}
+        {}, {}, type(model).__name__, module_fingerprint(model, sites), info=info, pooling=rule
     )
     if causal:
         if method not in METHODS:
             raise ActError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         Support.parse(support)
-        fitter = _CausalFitter(model, sites, batches, method, support)
+        fitter = _CausalFitter(model, sites, batches, method, support, rule)
         if max_live_batches is None or len(batches) <= max_live_batches:
             collect_lockstep(fitter, progress)
         else:
@@ -74,8 +86,8 @@ def collect(
             {site: fitter.maps[site] for site in samples.source},
             method,
             support,
-            next(iter(samples.source.values())).shape[0],
-            next(iter(samples.target.values())).shape[0],
+            min(len(values) for values in samples.source.values()),
+            min(len(values) for values in samples.target.values()),
             model_class=samples.model_class,
             module_params=samples.module_params,
             causal=True,
@@ -83,7 +95,7 @@ def collect(
         )
         return samples
     collected: dict[str, list[dict[str, torch.Tensor]]] = {"source": [], "target": []}
-    with Recorder(model, sites) as recorder, torch.inference_mode():
+    with Recorder(model, sites, rule) as recorder, torch.inference_mode():
         for done, batch in enumerate(batches, start=1):
             recorder.attention_mask = batch.attention_mask
             recorder.rows = batch.rows

@@ -34,6 +34,7 @@ def fit_transport(
     *,
     model: torch.nn.Module | None = None,
     progress: Callable[[int, int], None] | None = None,
+    per_prompt: bool = True,
 ) -> Transport:
     """Fit one map per module from pooled samples.
 
@@ -49,6 +50,9 @@ def fit_transport(
         model: the model the samples came from; when given, its class name and the shapes of
             the hooked modules' parameters are stored so that a mismatched model is rejected.
         progress: called as `progress(done, total)` after each module.
+        per_prompt: every module has one sample per prompt (pooled samples), so all modules
+            must have the same counts; False for per-token samples, whose counts differ from
+            module to module (the transport then records the fewest of any module).
 
     Returns:
         A `Transport` with the maps in the order of `source`.
@@ -78,12 +82,13 @@ def fit_transport(
             raise ActError(f"module {site!r}: {error}") from None
         if progress is not None:
             progress(done, len(source))
-    if len(counts) > 1:
+    if len(counts) > 1 and per_prompt:
         raise ActError(
             f"modules were given different sample counts {sorted(counts)}; every module needs "
-            "one sample per prompt"
+            "one sample per prompt (per-token samples: pass per_prompt=False)"
         )
-    (source_count, target_count) = counts.pop()
+    source_count = min(count for count, _ in counts)
+    target_count = min(count for _, count in counts)
     transport = Transport(maps, method, support, source_count, target_count)
     if model is not None:
         transport.model_class = type(model).__name__

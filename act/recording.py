@@ -1,15 +1,23 @@
-"""Recording pooled module outputs: one (D,) float32 sample per prompt and site.
+"""Recording module outputs as (N, D) float32 samples per site.
 
-Pooling (as in the paper): token outputs (B, T, D) are averaged over the non-padding tokens of
-an attention mask (over all tokens without one); channel maps (B, C, H, W) over space; (B, D)
-outputs are taken as they are. Outputs of 4 or more dimensions of last-axis modules
-(LayerNorm, RMSNorm, Linear: e.g. (B, T, heads, D)) are tokens of their last axis. Only the
-pooled rows are kept, so memory is O(N * D).
+Two poolings of token outputs (B, T, D):
+- "mean" (the paper's): one sample per prompt, the mean over the non-padding tokens of an
+  attention mask (over all tokens without one). Memory O(prompts * D).
+- "tokens": every real token of every prompt is a sample (padding excluded by the mask), at
+  most `max_tokens` per prompt, evenly spaced over its real tokens when there are more (a
+  UNet's spatial tokens, long sentences). Memory at most 4 * max_tokens * D bytes per prompt
+  and site. A one-word attribute is one token of a prompt: its own samples keep it, a mean
+  dilutes it.
+Channel maps (B, C, H, W) are averaged over space under either pooling (their maps shift
+whole channels); (B, D) outputs are taken as they are. Outputs of 4 or more dimensions of
+last-axis modules (LayerNorm, RMSNorm, Linear: e.g. (B, T, heads, D)) are tokens of their
+last axis.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,15 +26,47 @@ from torch import nn
 from .errors import ActError, ModulesNeverRanError
 from .hooks import group_by_module, holds_channels, is_channel_map, pick_output, resolve_module
 
+POOLINGS = ("mean", "tokens")
+DEFAULT_MAX_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How token outputs become samples: "mean" or "tokens" (see the module docstring)."""
+
+    kind: str = "mean"
+    max_tokens: int = DEFAULT_MAX_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.kind not in POOLINGS:
+            raise ActError(
+                f"unknown pooling {self.kind!r}; use 'mean' (one sample per prompt, the mean "
+                "of its real tokens) or 'tokens' (every real token a sample)"
+            )
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            raise ActError(f"max_tokens must be a whole number, got {self.max_tokens!r}")
+        if self.max_tokens < 1:
+            raise ActError(f"max_tokens must be at least 1, got {self.max_tokens}")
+
+    @property
+    def per_token(self) -> bool:
+        """Whether a prompt gives one sample per real token."""
+        return self.kind == "tokens"
+
+
+MEAN = Pooling()
+
 
 def pool(
     tensor: torch.Tensor,
     attention_mask: torch.Tensor | None,
     site: str,
     channels: bool | None = None,
+    pooling: Pooling = MEAN,
 ) -> torch.Tensor:
-    """Pool a module output to (B, D) float32 (see the module docstring); `channels` says
-    whether a 4-D/5-D output holds channels on axis 1 (None: it does)."""
+    """Pool a module output to (N, D) float32 samples (see the module docstring): N is the
+    batch size, or with per-token pooling of token outputs the real tokens kept. `channels`
+    says whether a 4-D/5-D output holds channels on axis 1 (None: it does)."""
     if is_channel_map(tensor, channels):
         return tensor.mean(dim=tuple(range(2, tensor.ndim)), dtype=torch.float32)
     if tensor.ndim >= 4:
@@ -36,6 +76,8 @@ def pool(
     if tensor.ndim != 3:
         raise ActError(f"site {site!r} outputs shape {tuple(tensor.shape)}; cannot pool it")
     if attention_mask is None:
+        if pooling.per_token:
+            return _kept_tokens(tensor, None, pooling.max_tokens)
         return tensor.mean(dim=1, dtype=torch.float32)
     if attention_mask.shape != tensor.shape[:2]:
         raise ActError(
@@ -46,7 +88,25 @@ def pool(
     counts = weights.sum(dim=1, keepdim=True)
     if bool((counts == 0).any()):
         raise ActError(f"site {site!r}: a row of the attention mask has no real token")
+    if pooling.per_token:
+        return _kept_tokens(tensor, weights > 0, pooling.max_tokens)
     return torch.bmm(weights.unsqueeze(1), tensor.float()).squeeze(1) / counts
+
+
+def _kept_tokens(tensor: torch.Tensor, real: torch.Tensor | None, limit: int) -> torch.Tensor:
+    """The real tokens of each row of (B, T, D), at most `limit` per row evenly spaced over
+    them, stacked to (N, D) float32 in row order."""
+    rows = []
+    for row in range(tensor.shape[0]):
+        if real is None:
+            positions = torch.arange(tensor.shape[1], device=tensor.device)
+        else:
+            positions = real[row].nonzero().squeeze(1)
+        if len(positions) > limit:
+            spaced = torch.linspace(0, len(positions) - 1, limit, device=tensor.device)
+            positions = positions[spaced.round().long()]
+        rows.append(tensor[row, positions].float())
+    return torch.cat(rows)
 
 
 Selector = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None] | None]
@@ -60,8 +120,9 @@ def pooled_sample(
     rows: slice | None = None,
     select: Selector | None = None,
     channels: bool | None = None,
+    pooling: Pooling = MEAN,
 ) -> torch.Tensor | None:
-    """Pool one module output to (B', D) float32 on the CPU, or None when `select` skips it.
+    """Pool one module output to (N, D) float32 on the CPU, or None when `select` skips it.
 
     `select`, when given, decides the rows and mask per site and call (e.g. only the
     denoiser's first call, or only the text encoder's mask); otherwise `rows` and
@@ -75,7 +136,7 @@ def pooled_sample(
     elif rows is not None:
         tensor = tensor[rows]
         attention_mask = None if attention_mask is None else attention_mask[rows]
-    return pool(tensor, attention_mask, site, channels).cpu()
+    return pool(tensor, attention_mask, site, channels, pooling).cpu()
 
 
 class Recorder:
@@ -83,15 +144,17 @@ class Recorder:
 
     Before each forward pass, set `attention_mask` (B, T) for token outputs with padding and
     `rows` (a slice of the batch, e.g. the conditional half of a CFG batch) as needed, or
-    `select` to decide per site and call (see `pooled_sample`).
+    `select` to decide per site and call (see `pooled_sample`). `pooling` says how token
+    outputs become samples.
     """
 
-    def __init__(self, model: nn.Module, sites: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, sites: Sequence[str], pooling: Pooling = MEAN) -> None:
         if not sites:
             raise ActError("no modules to record: the list of sites is empty")
         groups = group_by_module(sites)
         modules = {name: resolve_module(model, name) for name in groups}
         self.sites = list(sites)
+        self.pooling = pooling
         self.attention_mask: torch.Tensor | None = None
         self.rows: slice | None = None
         self.select: Selector | None = None
@@ -119,7 +182,7 @@ class Recorder:
     ) -> torch.Tensor | None:
         """Pool one output with the current mask, rows or selector (None: skipped)."""
         pooled = pooled_sample(
-            site, tensor, self.attention_mask, self.rows, self.select, channels=channels
+            site, tensor, self.attention_mask, self.rows, self.select, channels, self.pooling
         )
         if pooled is None:
             return None
@@ -159,7 +222,7 @@ class Recorder:
         self.remove()
 
 
-def record(model: nn.Module, sites: Sequence[str]) -> Recorder:
+def record(model: nn.Module, sites: Sequence[str], pooling: Pooling = MEAN) -> Recorder:
     """Record pooled outputs of `sites` (from `select_modules`) during forward passes.
 
         with record(model, sites) as recorder:
@@ -169,4 +232,4 @@ def record(model: nn.Module, sites: Sequence[str]) -> Recorder:
 
     Hooks are removed on exit, also when the body raises.
     """
-    return Recorder(model, sites)
+    return Recorder(model, sites, pooling)

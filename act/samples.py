@@ -10,7 +10,7 @@ import torch
 
 from .errors import ActError
 from .fitting import fit_transport
-from .recording import Selector
+from .recording import MEAN, Pooling, Selector
 from .transport import Transport
 
 LABELS = ("source", "target")
@@ -49,6 +49,8 @@ class Samples:
         model_class / module_params: the model's class name and fingerprint (see Transport).
         causal: (method, support) of the maps applied while collecting causally, else None.
         info: free-form fields carried into the transport (prompts, description, ...).
+        pooling: how token outputs became samples; with per-token pooling the sample counts
+            differ from module to module.
     """
 
     source: dict[str, torch.Tensor]
@@ -58,6 +60,7 @@ class Samples:
     causal: tuple[str, str] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     fitted: Transport | None = field(default=None, repr=False)
+    pooling: Pooling = MEAN
 
     @property
     def sites(self) -> list[str]:
@@ -67,12 +70,11 @@ class Samples:
     def summary(self) -> str:
         """One line: modules, units, sample counts."""
         units = sum(t.shape[1] for t in self.source.values())
-        first = next(iter(self.source.values()))
-        second = next(iter(self.target.values()))
         kind = f", collected causally ({self.causal[0]}, {self.causal[1]})" if self.causal else ""
         return (
             f"{len(self.source)} modules, {units} units, "
-            f"{first.shape[0]} source + {second.shape[0]} target samples{kind}"
+            f"{_count(self.source)} source + {_count(self.target)} target samples"
+            f"{' (per token)' if self.pooling.per_token else ''}{kind}"
         )
 
     def fit(
@@ -94,9 +96,23 @@ class Samples:
             )
         if self.fitted is not None:
             return self.fitted
-        transport = fit_transport(self.source, self.target, method, support, progress=progress)
+        transport = fit_transport(
+            self.source,
+            self.target,
+            method,
+            support,
+            progress=progress,
+            per_prompt=not self.pooling.per_token,
+        )
         transport.model_class = self.model_class
         transport.module_params = dict(self.module_params)
         transport.causal = self.causal is not None
         transport.info = dict(self.info)
         return transport
+
+
+def _count(side: dict[str, torch.Tensor]) -> str:
+    """The samples per module: one number, or the range when modules differ (per token)."""
+    counts = {len(values) for values in side.values()}
+    low, high = min(counts), max(counts)
+    return str(low) if low == high else f"{low}–{high}"

@@ -136,6 +136,35 @@ def test_text_encoders_pool_real_tokens_of_the_positive_prompt_only(sdxl):
     torch.testing.assert_close(samples.source[site], expected)
 
 
+def test_per_token_collection_keeps_each_real_token_and_image_position(sd):
+    encoder = "text_encoder.final_layer_norm"
+    layers = [GROUP_NORM, LAYER_NORM, encoder]
+    kwargs = dict(where="both", layers=layers, batch_size=2, **options(sd, num_inference_steps=3))
+    tokens = collect_pipeline(sd, SOURCE, TARGET, pooling="tokens", max_tokens=16, **kwargs)
+    means = collect_pipeline(sd, SOURCE, TARGET, **kwargs)
+    ids = sd.tokenizer(SOURCE, padding="max_length", max_length=77, return_tensors="pt")
+    real = real_tokens(ids.input_ids, sd.tokenizer.eos_token_id)
+    assert int(real.sum(1).max()) <= 16  # every prompt's real tokens are kept
+    assert len(tokens.source[encoder]) == int(real.sum()) > 2 * len(SOURCE)
+    assert tokens.source[GROUP_NORM].shape == means.source[GROUP_NORM].shape  # channel means
+    torch.testing.assert_close(tokens.source[GROUP_NORM], means.source[GROUP_NORM])
+    assert len(tokens.source[LAYER_NORM]) == 16 * len(SOURCE)  # 64 positions, 16 kept each
+    first = int(real[0].sum())  # the first prompt's tokens average to its pooled sample
+    torch.testing.assert_close(
+        tokens.source[encoder][:first].mean(0), means.source[encoder][0], rtol=1e-5, atol=1e-5
+    )
+    transport = tokens.fit("linear", "range")
+    assert transport.info["pooling"] == "tokens" and transport.info["max_tokens"] == 16
+    torch.testing.assert_close(
+        transport.maps[encoder].source_hi, tokens.source[encoder].max(0).values
+    )
+    two_steps = collect_pipeline(
+        sd, SOURCE, TARGET, pooling="tokens", at_steps=(0, 2), max_tokens=16, **kwargs
+    )
+    assert len(two_steps.source[LAYER_NORM]) == 2 * 16 * len(SOURCE)
+    assert len(two_steps.source[encoder]) == int(real.sum())  # recorded once, not repeated
+
+
 def test_real_tokens_end_at_the_first_end_of_text_token():
     ids = torch.tensor([[5, 7, 9, 2, 2, 2], [5, 2, 0, 0, 0, 0], [5, 6, 7, 8, 9, 10]])
     assert real_tokens(ids, 2).int().tolist() == [

@@ -138,10 +138,29 @@ def test_fit_text_carries_fingerprint_and_info(llama):
     assert transport.sites == select_modules(model, "llm") and transport.method == "linear"
     assert transport.model_class == "LlamaForCausalLM" and not transport.causal
     assert transport.source_samples == 4 and transport.target_samples == 4
-    assert transport.info == {"source_sentences": 4, "target_sentences": 4, "x": 1}
+    assert transport.info == {
+        "source_sentences": 4,
+        "target_sentences": 4,
+        "x": 1,
+        "pooling": "mean",
+    }
     assert transport.module_params["model.layers.1.self_attn.o_proj"] == {"weight": [32, 32]}
     with pytest.raises(ActError, match="at least 2 sentences"):
         fit_text(model, tokenizer, SOURCE[:1], TARGET, progress=False)
+
+
+def test_per_token_fit_counts_every_real_token_and_ignores_padding(llama):
+    model, tokenizer = llama
+    transport = fit_text(model, tokenizer, SOURCE, TARGET, pooling="tokens", progress=False)
+    alone = fit_text(
+        model, tokenizer, SOURCE, TARGET, pooling="tokens", batch_size=1, progress=False
+    )
+    real = sum(len(tokenizer(text).input_ids) for text in SOURCE)
+    assert transport.source_samples == real and transport.info["pooling"] == "tokens"
+    for site in transport.sites:  # left padding adds no sample and changes none
+        torch.testing.assert_close(
+            transport.maps[site].omega, alone.maps[site].omega, atol=1e-4, rtol=1e-4
+        )
 
 
 def test_causal_collection_fits_module_after_module(llama):

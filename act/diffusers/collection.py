@@ -17,6 +17,7 @@ from typing import Any
 
 from ..collection import collect
 from ..errors import ActError
+from ..recording import DEFAULT_MAX_TOKENS
 from ..samples import Samples
 from ..selection import select_modules
 from ..transport import Transport
@@ -94,6 +95,8 @@ def collect_pipeline(
     method: str = "linear",
     support: str = "range",
     max_live_batches: int | None = None,
+    pooling: str = "mean",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     progress: bool = True,
     **pipeline_kwargs: Any,
 ) -> Samples:
@@ -113,6 +116,11 @@ def collect_pipeline(
         batch_size: prompts per pipeline call. Batch i of each side uses seed `seed + i`.
         causal / method / support / max_live_batches: causal estimation, as in
             `act.collect`; one step only.
+        pooling / max_tokens: "mean" (one sample per prompt: token means of the text encoders
+            and the denoiser's attention blocks, as in the paper) or "tokens" (every real
+            token of the positive prompt, and up to `max_tokens` image tokens per prompt, is a
+            sample; a one-word attribute keeps its own samples). Channel maps are spatial means
+            either way. See `act.collect`.
         progress: show a progress bar.
         **pipeline_kwargs: passed to every pipeline call (height, width, guidance_scale,
             num_inference_steps, negative_prompt, ...); `output_type` is "latent".
@@ -162,11 +170,13 @@ def collect_pipeline(
             method=method,
             support=support,
             max_live_batches=max_live_batches,
+            pooling=pooling,
+            max_tokens=max_tokens,
             progress=report,
             info=info,
         )
     samples.model_class = type(pipe).__name__
-    if len(steps) > 1:
+    if len(steps) > 1 and not samples.pooling.per_token:
         _one_sample_per_step(samples, collector.denoiser)
     if samples.fitted is not None:
         samples.fitted.model_class = samples.model_class
@@ -208,8 +218,9 @@ def fit_pipeline(
     Args:
         method: "linear" (Linear-AcT), "mean" or "gaussian".
         support: "range" (the paper's choice for negation), "all" (for style) or "qNN".
-        **options: `where`, `layers`, `at_steps`, `batch_size`, `seed`, `causal`, `progress`
-            and the pipeline's own keyword arguments, as in `collect_pipeline`.
+        **options: `where`, `layers`, `at_steps`, `batch_size`, `seed`, `causal`, `pooling`,
+            `max_tokens`, `progress` and the pipeline's own keyword arguments, as in
+            `collect_pipeline`.
 
     Returns:
         A transport whose module names are the pipeline's own, prefixed by component, and

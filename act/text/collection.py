@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..collection import collect
 from ..errors import ActError
+from ..recording import DEFAULT_MAX_TOKENS
 from ..samples import Batch, Samples
 from ..selection import select_modules
 from ..transport import Transport
@@ -101,6 +102,8 @@ def collect_text(
     support: str = "range",
     batch_size: int = 16,
     max_length: int = DEFAULT_MAX_LENGTH,
+    pooling: str = "mean",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     progress: bool | Callable[[int, int], None] = True,
     info: dict | None = None,
 ) -> Samples:
@@ -115,6 +118,9 @@ def collect_text(
         causal: estimate module after module on the previous maps' outputs (paper §3.2);
             `method` and `support` are then used while collecting.
         batch_size / max_length: sentences per forward pass, tokens kept per sentence.
+        pooling / max_tokens: "mean" (one sample per sentence, the mean of its tokens) or
+            "tokens" (every token a sample, at most `max_tokens` per sentence and layer); see
+            `act.collect`.
         progress: show a progress bar (batches, or modules fitted when causal), or a
             function called as `progress(done, total)` instead (it may raise to cancel).
         info: free-form fields stored in the transport fitted from the samples.
@@ -133,6 +139,8 @@ def collect_text(
         "causal": causal,
         "method": method,
         "support": support,
+        "pooling": pooling,
+        "max_tokens": max_tokens,
         "info": {**counts, **(info or {})},
     }
     if callable(progress):
