@@ -95,18 +95,49 @@ def test_a_step_range_steers_only_the_steps_inside_it(fitted, name):
     assert [torch.equal(a, b) for a, b in zip(plain, steered, strict=True)] == [1, 1, 0, 0]
 
 
-def test_cond_only_leaves_the_unconditional_prediction_untouched(fitted):
+def test_by_default_the_unconditional_prediction_is_left_untouched(fitted):
     for name in ("sd", "sdxl"):
         pipe, transport, _ = fitted[name]  # denoiser and text encoders
         with captured(pipe.unet) as plain:
             images(pipe, negative_prompt="blurry")
-        with steer_pipeline(pipe, transport, cond_only=True), captured(pipe.unet) as steered:
+        with steer_pipeline(pipe, transport), captured(pipe.unet) as steered:
             images(pipe, negative_prompt="blurry")
         assert torch.equal(plain[0][:1], steered[0][:1]), name  # [uncond; cond], step 0
         assert not torch.allclose(plain[0][1:], steered[0][1:]), name
-        with steer_pipeline(pipe, transport), captured(pipe.unet) as everywhere:
+        with (
+            steer_pipeline(pipe, transport, cond_only=False),
+            captured(pipe.unet) as everywhere,
+        ):
             images(pipe, negative_prompt="blurry")
         assert not torch.allclose(plain[0][:1], everywhere[0][:1]), name
+
+
+def test_without_guidance_the_default_steers_every_call(fitted):
+    pipe, transport, _ = fitted["sd"]
+    with steer_pipeline(pipe, transport, cond_only=False):
+        both = images(pipe, guidance_scale=1.0)
+    with steer_pipeline(pipe, transport):
+        assert torch.equal(images(pipe, guidance_scale=1.0), both)
+    flux, transport, _ = fitted["flux"]
+    with steer_pipeline(flux, transport, cond_only=False):
+        both = images(flux)
+    with steer_pipeline(flux, transport):
+        assert torch.equal(images(flux), both)
+    generator = torch.Generator().manual_seed(0)
+    call = {
+        "hidden_states": torch.randn(1, 16, 16, generator=generator),
+        "timestep": torch.tensor([0.123]),  # not in the schedule: outside the sampling loop
+        "guidance": torch.tensor([3.5]),
+        "encoder_hidden_states": torch.randn(1, 8, 32, generator=generator),
+        "pooled_projections": torch.randn(1, 32, generator=generator),
+        "txt_ids": torch.zeros(8, 3),
+        "img_ids": torch.zeros(16, 3),
+    }
+    with torch.no_grad():
+        plain = flux.transformer(**call).sample
+        with steer_pipeline(flux, transport):
+            outside = flux.transformer(**call).sample  # steered, not refused
+    assert not torch.allclose(outside, plain)
 
 
 def test_cond_only_on_flux_true_cfg_leaves_the_negative_call_untouched(fitted):
