@@ -1,4 +1,5 @@
-"""Core benchmarks: fitting cost, steering overhead, causal collection cost.
+"""Core benchmarks: fitting cost (pooled and per-token samples), steering overhead, causal
+collection cost.
 
 Prints ratios measured in one process (medians of alternating pairs), as these machines are
 noisy. Run: `python bench/core.py` (add `--quick` for smaller sizes).
@@ -47,6 +48,30 @@ def bench_fit(modules: int, units: int, samples: int) -> None:
         f"{elapsed:.2f} s, peak working memory {peak / 2**20:.0f} MB "
         f"(inputs {2 * modules * units * samples * 4 / 2**20:.0f} MB; "
         f"max RSS grew {(rss_after - rss_before) / 1024:.0f} MB)"
+    )
+
+
+def bench_per_token(modules: int, width: int, prompts: int, tokens: int) -> None:
+    """Collection and fit with per-token pooling, `prompts * tokens` samples a side: the fit
+    is the one `bench_fit` times for that many pooled samples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.LayerNorm(width) for _ in range(modules))).eval()
+    sites = select_modules(model, "norms")
+    x = torch.randn(prompts, tokens, width)
+    mask = torch.ones(prompts, tokens)
+    runs = [
+        Batch(lambda: model(x), "source", attention_mask=mask),
+        Batch(lambda: model(x * 1.3 + 0.2), "target", attention_mask=mask),
+    ]
+    start = time.perf_counter()
+    samples = collect(model, sites, runs, pooling="tokens", max_tokens=tokens)
+    collected = time.perf_counter() - start
+    start = time.perf_counter()
+    samples.fit("linear", "range")
+    fitted = time.perf_counter() - start
+    print(
+        f"per-token: {prompts} prompts x {tokens} tokens = {prompts * tokens} samples a side x "
+        f"{modules * width} units: collection {collected:.2f} s, fit {fitted:.2f} s"
     )
 
 
@@ -119,10 +144,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.quick:
         bench_fit(modules=5, units=512, samples=256)
+        bench_per_token(modules=5, width=512, prompts=8, tokens=32)
         bench_steering(depth=4, width=256, batch=8, tokens=32, pairs=5)
         bench_causal(depth=4, width=64, batches=4, batch=8, tokens=16)
     else:
         bench_fit(modules=50, units=2048, samples=1024)
+        bench_per_token(modules=50, width=2048, prompts=16, tokens=64)
         bench_steering(depth=24, width=1024, batch=8, tokens=128, pairs=15)
         bench_causal(depth=24, width=256, batches=8, batch=16, tokens=64)
 

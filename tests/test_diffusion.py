@@ -47,6 +47,7 @@ def test_collection_pools_the_conditional_half_of_the_first_denoiser_call(sd):
             TARGET,
             layers=[GROUP_NORM, LAYER_NORM],
             batch_size=2,
+            pooling="mean",
             **options(sd, num_inference_steps=4),
         )
     finally:
@@ -91,7 +92,13 @@ def test_at_steps_records_later_denoising_steps(sd):
 
 def test_several_steps_with_text_encoders_fit_one_sample_per_prompt_and_step(sd):
     layers = [GROUP_NORM, "text_encoder.final_layer_norm"]
-    kwargs = dict(where="both", layers=layers, support="all", **options(sd, num_inference_steps=3))
+    kwargs = dict(
+        where="both",
+        layers=layers,
+        support="all",
+        pooling="mean",
+        **options(sd, num_inference_steps=3),
+    )
     one_step = fit_pipeline(sd, SOURCE, TARGET, **kwargs)
     samples = collect_pipeline(sd, SOURCE, TARGET, at_steps=(0, 2), **kwargs)
     assert [len(samples.source[site]) for site in layers] == [2 * len(SOURCE)] * 2
@@ -118,6 +125,7 @@ def test_text_encoders_pool_real_tokens_of_the_positive_prompt_only(sdxl):
             TARGET,
             where="text_encoder",
             batch_size=2,
+            pooling="mean",
             **options(sdxl, negative_prompt="blurry"),
         )
     finally:
@@ -140,8 +148,8 @@ def test_per_token_collection_keeps_each_real_token_and_image_position(sd):
     encoder = "text_encoder.final_layer_norm"
     layers = [GROUP_NORM, LAYER_NORM, encoder]
     kwargs = dict(where="both", layers=layers, batch_size=2, **options(sd, num_inference_steps=3))
-    tokens = collect_pipeline(sd, SOURCE, TARGET, pooling="tokens", max_tokens=16, **kwargs)
-    means = collect_pipeline(sd, SOURCE, TARGET, **kwargs)
+    tokens = collect_pipeline(sd, SOURCE, TARGET, max_tokens=16, **kwargs)  # the default
+    means = collect_pipeline(sd, SOURCE, TARGET, pooling="mean", **kwargs)
     ids = sd.tokenizer(SOURCE, padding="max_length", max_length=77, return_tensors="pt")
     real = real_tokens(ids.input_ids, sd.tokenizer.eos_token_id)
     assert int(real.sum(1).max()) <= 16  # every prompt's real tokens are kept

@@ -2,11 +2,11 @@
 
 Collection follows the paper: the denoiser is recorded at its first call (the highest-noise
 step; `at_steps` picks others), only the conditional rows of a classifier-free-guidance
-batch, spatial mean for (B, C, H, W) outputs and token mean for token outputs; text encoders
-are recorded on the positive prompt, pooled over its real tokens (up to the first
-end-of-text token). Each pipeline call stops as soon as everything is recorded, so a batch
-costs one denoiser call (see `act.diffusers.batches`). Steering lives in
-`act.diffusers.steering`.
+batch, spatial mean for (B, C, H, W) outputs and, by default, every token of token outputs
+as a sample (`pooling="mean"`: the token mean, as in the paper); text encoders are recorded
+on the positive prompt's real tokens (up to the first end-of-text token). Each pipeline call
+stops as soon as everything is recorded, so a batch costs one denoiser call (see
+`act.diffusers.batches`). Steering lives in `act.diffusers.steering`.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def collect_pipeline(
     method: str = "linear",
     support: str = "range",
     max_live_batches: int | None = None,
-    pooling: str = "mean",
+    pooling: str = "tokens",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     progress: bool = True,
     **pipeline_kwargs: Any,
@@ -116,10 +116,11 @@ def collect_pipeline(
         batch_size: prompts per pipeline call. Batch i of each side uses seed `seed + i`.
         causal / method / support / max_live_batches: causal estimation, as in
             `act.collect`; one step only.
-        pooling / max_tokens: "mean" (one sample per prompt: token means of the text encoders
-            and the denoiser's attention blocks, as in the paper) or "tokens" (every real
-            token of the positive prompt, and up to `max_tokens` image tokens per prompt, is a
-            sample; a one-word attribute keeps its own samples). Channel maps are spatial means
+        pooling / max_tokens: "tokens" (the default: every real token of the positive
+            prompt, and up to `max_tokens` image tokens per prompt, is a sample, so a one-word
+            attribute keeps its own samples; chosen by measurement on `bench/shapes`, see the
+            README) or "mean" (one sample per prompt: token means of the text encoders and
+            the denoiser's attention blocks, as in the paper). Channel maps are spatial means
             either way. See `act.collect`.
         progress: show a progress bar.
         **pipeline_kwargs: passed to every pipeline call (height, width, guidance_scale,
