@@ -8,7 +8,8 @@ from ..act import ActError
 from . import diffusion_model, text_encoder
 from .types import CATEGORY, Transport
 
-APPLY_TO = ["both branches", "positive only"]
+POSITIVE_ONLY = "positive only"
+APPLY_TO = [POSITIVE_ONLY, "both branches"]
 
 
 def parts_of(transport, model, clip) -> tuple:
@@ -45,7 +46,7 @@ class ApplyAcT(io.ComfyNode):
                 io.Clip.Input(
                     "clip",
                     optional=True,
-                    tooltip="Text encoder to steer (connect the result to the positive prompt only, to leave the negative prompt as it was).",
+                    tooltip="Text encoder to steer. Connect the steered CLIP to the positive prompt's CLIP Text Encode only; the negative prompt keeps the unsteered CLIP.",
                 ),
                 io.Float.Input(
                     "strength",
@@ -74,8 +75,15 @@ class ApplyAcT(io.ComfyNode):
                 io.Combo.Input(
                     "apply_to",
                     options=APPLY_TO,
-                    default="both branches",
-                    tooltip="positive only: leave the negative (unconditional) branch of CFG unsteered.",
+                    default=POSITIVE_ONLY,
+                    tooltip=(
+                        "Which CFG branches of the diffusion model to steer. positive only "
+                        "(default): the conditional branch only; with CFG above 1 the guidance "
+                        "difference then carries the transport (steering both branches cancels "
+                        "most of it). With CFG 1 (FLUX, distilled models) only the positive "
+                        "branch runs, so both choices are the same. both branches: steer the "
+                        "negative branch too (weaker; the AcT paper sampled without guidance)."
+                    ),
                 ),
             ],
             outputs=[
@@ -105,7 +113,7 @@ class ApplyAcT(io.ComfyNode):
         notes = []
         if diffusion is not None:
             model = diffusion_model.steered_model(
-                model, diffusion, strength, start_percent, end_percent, apply_to == "positive only"
+                model, diffusion, strength, start_percent, end_percent, apply_to == POSITIVE_ONLY
             )
             notes.append(f"diffusion model: {len(diffusion.maps)} modules")
         if text is not None:

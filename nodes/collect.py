@@ -10,18 +10,22 @@ from comfy_api.latest import io, ui
 
 from ..act import ModulesNeverRanError, collect
 from ..act.maps import METHODS
+from ..act.recording import DEFAULT_MAX_TOKENS
 from .collection import (
     WHERE,
     collection_batches,
     collection_root,
     describe_models,
     never_ran_error,
+    one_sample_per_step,
 )
 from .presets import LAYER_CHOICES
 from .prompts import parse_prompts
 from .types import CATEGORY, Samples
 
 SUPPORTS = ["range", "all", "q01", "q05", "q10"]
+POOLING_DEFAULT = "tokens"
+POOLINGS = ["tokens", "mean"]
 
 
 def _sites_summary(sites: list[str], shown: int = 3) -> str:
@@ -40,9 +44,11 @@ class CollectActivations(io.ComfyNode):
             display_name="AcT Collect Activations",
             category=CATEGORY,
             description=(
-                "Runs source and target prompts through the model and records the mean "
-                "activation of the chosen layers for each prompt (the positive branch of the "
-                "first, noisiest denoising step by default). Feed the result to Fit Transport."
+                "Runs source and target prompts through the model and records the activations "
+                "of the chosen layers (the positive branch of the first, noisiest denoising "
+                "step by default): every token a sample with pooling 'tokens', one mean per "
+                "prompt with 'mean' (channel maps are spatial means either way). Feed the "
+                "result to Fit Transport."
             ),
             inputs=[
                 io.Model.Input(
@@ -144,6 +150,22 @@ class CollectActivations(io.ComfyNode):
                     advanced=True,
                     tooltip="Video models (Wan, HunyuanVideo): frames of the collection video; 1 collects on stills, like an image model. Image models ignore it.",
                 ),
+                io.Combo.Input(
+                    "pooling",
+                    options=POOLINGS,
+                    default=POOLING_DEFAULT,
+                    optional=True,
+                    advanced=True,
+                    tooltip=(
+                        f"tokens: each token a sample, at most {DEFAULT_MAX_TOKENS} per prompt "
+                        "and layer (evenly spaced): in the text encoder the prompt's real tokens "
+                        "(no padding); in the diffusion model the image tokens (a DiT's text "
+                        "stream: its text tokens, padding included), so a one-word style or "
+                        "object keeps its own samples. mean: one sample per prompt, the mean "
+                        "over its tokens, as in the AcT paper. Channel maps (UNet ResNet norms) "
+                        "are spatial means either way."
+                    ),
+                ),
             ],
             outputs=[Samples.Output(display_name="samples")],
         )
@@ -167,6 +189,7 @@ class CollectActivations(io.ComfyNode):
         clip=None,
         layer_regex: str = "",
         frames: int = 1,
+        pooling: str = POOLING_DEFAULT,
     ) -> io.NodeOutput:
         prompts = {
             "source": parse_prompts(source_prompts, "source_prompts"),
@@ -203,11 +226,14 @@ class CollectActivations(io.ComfyNode):
                 causal=causal,
                 method=method,
                 support=support,
+                pooling=pooling,
                 progress=report,
                 info={"source_prompts": prompts["source"], "target_prompts": prompts["target"]},
             )
         except ModulesNeverRanError as error:
             raise never_ran_error(error, root, models, layers) from None
+        if where == "both" and steps > 1 and not causal and not samples.pooling.per_token:
+            one_sample_per_step(samples, steps)
         samples.model_class = models
         summary = (
             f"{samples.model_class}: {samples.summary()} in {time.perf_counter() - start:.1f} s"

@@ -5,6 +5,14 @@ read `diffusion_model.input_blocks.1.1…` and `clip.clip_l.transformer…`. Eac
 its prompts with the CLIP (text-encoder sites are pooled over real tokens of the positive
 prompts only) and, for the diffusion model, runs ComfyUI's sampler until the first `steps`
 denoising calls are done, pooling only their positive rows.
+
+Under either pooling (`act.recording`) the rows given to the recorder are unpooled: a
+text-encoder site gets the prompt's tokens with their real-token mask, a UNet transformer
+norm its (B, HW, D) image tokens, a channel map its (B, C, H, W) output, and a joint text +
+image block only its image tokens. Per-token samples have no padding mask in two places: the
+text stream of a DiT's double blocks (e.g. FLUX `double_blocks.N:1`) holds all its text
+tokens, padding included; and a text-encoder output that does not line up with the
+tokenizer's mask (another length or shape) is pooled without one.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import comfy.model_management
 import torch
 from torch import nn
 
-from ..act import ActError, Batch, ModulesNeverRanError
+from ..act import ActError, Batch, ModulesNeverRanError, Samples
 from . import diffusion_model, text_encoder
 from .presets import resolve_layers, suggested_regex
 
@@ -157,6 +165,19 @@ def collection_batches(
             batches.append(Batch(batch.run, label, select=batch.select))
             first += len(chunk)
     return batches
+
+
+def one_sample_per_step(samples: Samples, steps: int) -> None:
+    """Repeat each text-encoder sample `steps` times, so that with "both" and one mean per
+    prompt every module has one sample per (prompt, recorded step), as the fit needs; a
+    repeated sample leaves a module's map unchanged.
+
+    **Mutates** `samples` (its text-encoder entries)."""
+    prefix = f"{text_encoder.PREFIX}."
+    for side in (samples.source, samples.target):
+        for site, values in side.items():
+            if site.startswith(prefix):
+                side[site] = values.repeat_interleave(steps, dim=0)
 
 
 def collection_latent(

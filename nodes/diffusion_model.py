@@ -95,9 +95,10 @@ class TokenSplit:
     """Where the image tokens of joint text + image blocks are, for one model call.
 
     The image tokens are the `image_tokens` first or last ones of the joint blocks' outputs
-    (see `JOINT_TOKENS`); FLUX-style models also put `img_slice = [text tokens, image
-    tokens]` in the options they pass to every single block, which a pre-hook reads, so
-    extra text tokens (HunyuanImage's glyph tokens) are never taken for image tokens.
+    (see `JOINT_TOKENS`); FLUX-style models also put `img_slice = [first image token, end]`
+    (the text tokens, then all tokens) in the options they pass to every single block, which
+    a pre-hook reads, so extra text tokens (HunyuanImage's glyph tokens) are never taken for
+    image tokens.
     """
 
     def __init__(self, layout: JointTokens | None, image_tokens: int) -> None:
@@ -128,7 +129,7 @@ class TokenSplit:
     def read(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         split = (kwargs.get("transformer_options") or {}).get("img_slice")
         if isinstance(split, list | tuple) and len(split) == 2:
-            self.image = slice(int(split[0]), int(split[0]) + int(split[1]))
+            self.image = slice(int(split[0]), int(split[1]))
 
     def attach(self, root: nn.Module, sites: list[str], stack: ExitStack) -> None:
         """Pre-hooks reading `img_slice` on the joint blocks among `sites`, removed when

@@ -42,7 +42,9 @@ def pack():
     shutil.rmtree(base, ignore_errors=True)
 
 
-def _collect(pack, model, clip, **overrides):
+def _collect_output(pack, model, clip, **overrides):
+    """Collect Activations' output (samples and summary text), at the node's default pooling
+    unless `pooling` is given."""
     arguments = dict(
         model=model,
         clip=clip,
@@ -61,7 +63,17 @@ def _collect(pack, model, clip, **overrides):
         frames=1,
     )
     arguments.update(overrides)
-    return pack.nodes["AcTCollectActivations"].execute(**arguments).result[0]
+    return pack.nodes["AcTCollectActivations"].execute(**arguments)
+
+
+def _collect(pack, model, clip, **overrides):
+    return _collect_output(pack, model, clip, **overrides).result[0]
+
+
+def _default(pack, node: str, name: str):
+    """The default of a node's input, as the node's schema gives it to ComfyUI."""
+    inputs = pack.nodes[node].define_schema().inputs
+    return next(item for item in inputs if item.id == name).default
 
 
 def _fit(pack, samples, method="linear", support="all"):
@@ -73,8 +85,16 @@ def _fit(pack, samples, method="linear", support="all"):
 
 
 def _apply(
-    pack, transport, model=None, clip=None, strength=1.0, start=0.0, end=1.0, positive=False
+    pack,
+    transport,
+    model=None,
+    clip=None,
+    strength=1.0,
+    start=0.0,
+    end=1.0,
+    apply_to="both branches",
 ):
+    """Apply AcT; both CFG branches unless told (as baked weights steer them)."""
     output = pack.nodes["AcTApply"].execute(
         transport=transport,
         model=model,
@@ -82,7 +102,7 @@ def _apply(
         strength=strength,
         start_percent=start,
         end_percent=end,
-        apply_to="positive only" if positive else "both branches",
+        apply_to=apply_to,
     )
     return output.result
 
@@ -122,23 +142,34 @@ def test_collection_pools_only_the_positive_rows_of_the_first_call(pack, sd15):
         torch.testing.assert_close(with_cfg.source[site], values, rtol=1e-4, atol=1e-5)
 
 
-def test_positive_only_leaves_the_negative_branch_unchanged(pack, sd15):
-    import comfy.model_management
+def _first_denoising_call(patcher, conds) -> dict[int, torch.Tensor]:
+    """The diffusion model's output in the first call of a cfg-5 sampling, by CFG branch
+    (0: positive, 1: negative)."""
+    calls = []
 
-    (steered, _) = _apply(pack, sd15.transport, model=sd15.model, positive=True)
-    positive, negative = sd15.conds
-    context = torch.cat([negative[0][0], positive[0][0]])
-    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
-    sigma = torch.tensor([1.5, 1.5])
+    def record(module, args, kwargs, output) -> None:
+        kinds = kwargs["transformer_options"]["cond_or_uncond"]
+        calls.append(dict(zip(kinds, output.detach().clone().chunk(len(kinds)), strict=True)))
 
-    def run(model):
-        comfy.model_management.load_models_gpu([model])
-        options = {"wrappers": model.wrappers, "cond_or_uncond": [1, 0], "sigmas": sigma}
-        return model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+    hook = patcher.model.diffusion_model.register_forward_hook(record, with_kwargs=True)
+    try:
+        sample(patcher, *conds, steps=1, cfg=5.0)
+    finally:
+        hook.remove()
+    return calls[0]
 
-    plain, moved = run(sd15.model), run(steered)
-    assert torch.equal(moved[0], plain[0])  # unconditional half
-    assert not torch.allclose(moved[1], plain[1], atol=1e-4)
+
+def test_apply_steers_only_the_positive_branch_by_default(pack, sd15):
+    default = _default(pack, "AcTApply", "apply_to")
+    assert default == "positive only"
+    plain = _first_denoising_call(sd15.model, sd15.conds)
+    assert set(plain) == {0, 1}  # cfg 5 runs both branches
+    (positive_only, _) = _apply(pack, sd15.transport, model=sd15.model, apply_to=default)
+    moved = _first_denoising_call(positive_only, sd15.conds)
+    assert torch.equal(moved[1], plain[1])  # the negative branch is left alone
+    assert not torch.allclose(moved[0], plain[0], atol=1e-4)
+    (both, _) = _apply(pack, sd15.transport, model=sd15.model, apply_to="both branches")
+    assert not torch.allclose(_first_denoising_call(both, sd15.conds)[1], plain[1], atol=1e-4)
 
 
 def test_a_window_outside_the_schedule_changes_nothing(pack, sd15):
@@ -186,19 +217,94 @@ def test_text_encoder_collect_and_steer_leave_the_input_clip_alone(pack, sd15):
 
 
 def test_text_encoder_samples_pool_real_tokens_only(pack, sd15):
-    short = _collect(
-        pack, None, sd15.clip, where="text encoder", source_prompts="a cat", target_prompts="a dog"
-    )
     site = "clip.clip_l.transformer.text_model.final_layer_norm"
-    captured = {}
-    module = sd15.clip.cond_stage_model.get_submodule(site.removeprefix("clip."))
-    handle = module.register_forward_hook(lambda m, a, o: captured.update(out=o.detach().clone()))
+    (output,) = _site_outputs(sd15.clip, site, "a cat")
+    real = output[0, :4].float()  # start token, "a", "cat", end token
+    short = dict(where="text encoder", source_prompts="a cat", target_prompts="a dog")
+    tokens = _collect(pack, None, sd15.clip, pooling="tokens", **short)
+    torch.testing.assert_close(tokens.source[site], real, rtol=1e-4, atol=1e-5)
+    mean = _collect(pack, None, sd15.clip, pooling="mean", **short)
+    expected = real.mean(dim=0, keepdim=True)
+    torch.testing.assert_close(mean.source[site], expected, rtol=1e-4, atol=1e-5)
+
+
+def _real_tokens(clip, prompt: str) -> int:
+    """The prompt's tokens with start and end token, by the Hugging Face CLIP tokenizer."""
+    return len(clip.tokenizer.clip_l.tokenizer(prompt)["input_ids"])
+
+
+def test_per_token_samples_are_real_text_tokens_image_tokens_and_channel_means(pack, sd15):
+    assert _default(pack, "AcTCollectActivations", "pooling") == "tokens"
+    # 96 px: 12 x 12 latent tokens at the first level (more than 64), 6 x 6 at the second
+    output = _collect_output(pack, sd15.model, sd15.clip, where="both", width=96, height=96)
+    (samples,) = output.result
+    prompts = SOURCE.splitlines()
+    counts = {site: len(values) for site, values in samples.source.items()}
+    text = sum(_real_tokens(sd15.clip, prompt) for prompt in prompts)
+    assert counts["clip.clip_l.transformer.text_model.final_layer_norm"] == text
+    assert text > 6 * len(prompts)  # "a photo of a cat": 7 tokens
+    blocks = "diffusion_model.input_blocks"
+    assert counts[f"{blocks}.1.1.transformer_blocks.0.norm1"] == len(prompts) * 64
+    assert counts[f"{blocks}.3.1.transformer_blocks.0.norm1"] == len(prompts) * 36
+    assert counts[f"{blocks}.1.0.in_layers.0"] == len(prompts)  # a ResNet GroupNorm
+    assert counts[f"{blocks}.1.1.norm"] == len(prompts)  # the transformer's input GroupNorm
+    assert "(per token)" in output.ui.as_dict()["text"][0]
+    transport = _fit(pack, samples)
+    assert transport.info["pooling"] == "tokens"
+    assert set(transport.sites) == set(samples.sites)
+
+
+def test_mean_pooling_of_both_parts_over_several_steps_fits(pack, sd15):
+    samples = _collect(
+        pack, sd15.model, sd15.clip, where="both", steps=2, pooling="mean", width=64, height=64
+    )
+    # the text encoder runs once per prompt, the denoiser once per prompt and step: each
+    # text-encoder sample counts once per step
+    assert {len(values) for values in samples.source.values()} == {2 * len(THINGS)}
+    text = samples.source["clip.clip_l.transformer.text_model.final_layer_norm"]
+    assert torch.equal(text[0], text[1]) and not torch.equal(text[1], text[2])
+    assert _fit(pack, samples).info["pooling"] == "mean"
+
+
+@pytest.mark.parametrize(
+    ("kind", "site", "pixels"),
+    [
+        ("flux", "single_blocks.0", 64),  # [text; image], 4 x 4 image tokens
+        ("flux", "single_blocks.0", 192),  # 12 x 12 image tokens: 64 of them, evenly spaced
+        ("auraflow", "single_layers.0", 64),  # [registers; text; image]
+    ],
+)
+def test_joint_blocks_give_per_token_samples_of_their_image_tokens_only(pack, kind, site, pixels):
+    model, clip = tiny_model(kind), tiny_clip()
+    image = (pixels // 8 // 2) ** 2  # latent pixels in 2 x 2 patches
+    outputs = []
+
+    def record(module, args, output) -> None:
+        if output.shape[0] == 2:  # a batch of both prompts, not the dry run
+            outputs.append(output.detach().clone())
+
+    hook = model.model.diffusion_model.get_submodule(site).register_forward_hook(record)
     try:
-        sd15.clip.encode_from_tokens(sd15.clip.tokenize("a cat"))
+        samples = _collect(
+            pack,
+            model,
+            clip,
+            source_prompts="a photo of a cat\na photo of a dog",
+            target_prompts="a watercolor painting of a cat\na watercolor painting of a dog",
+            batch_size=2,
+            width=pixels,
+            height=pixels,
+            pooling="tokens",
+        )
     finally:
-        handle.remove()
-    real = captured["out"][0, :4].float().mean(dim=0)  # start token, "a", "cat", end token
-    torch.testing.assert_close(short.source[site][0], real, rtol=1e-4, atol=1e-5)
+        hook.remove()
+    kept = min(image, 64)
+    assert outputs[0].shape[1] > image  # the block holds text tokens too
+    positions = torch.linspace(0, image - 1, kept).round().long()
+    expected = outputs[0][:, -image:][:, positions].reshape(-1, outputs[0].shape[-1])
+    torch.testing.assert_close(samples.source[f"diffusion_model.{site}"], expected)
+    image_stream = "double_blocks.0:0" if kind == "flux" else "double_layers.0:1"
+    assert len(samples.source[f"diffusion_model.{image_stream}"]) == 2 * kept
 
 
 # kind -> (number of "auto" sites, what "auto" must leave out of ComfyUI's norm layers)
@@ -271,29 +377,39 @@ def test_dit_text_encoder_samples_pool_real_tokens_only(pack, kind):
     real = len(unpadded.tokenize("a cat")[key][0])
     assert len(padded.tokenize("a cat")[key][0]) > real  # padding follows the real tokens
 
-    def pooled(clip) -> dict[str, torch.Tensor]:
+    def pooled(clip, pooling: str) -> dict[str, torch.Tensor]:
         samples = _collect(
-            pack, None, clip, where="text encoder", source_prompts="a cat", target_prompts="a dog"
+            pack,
+            None,
+            clip,
+            where="text encoder",
+            source_prompts="a cat",
+            target_prompts="a dog",
+            pooling=pooling,
         )
-        return {name: values[0] for name, values in samples.source.items()}
+        return samples.source
 
-    samples = pooled(padded)
+    tokens = pooled(padded, "tokens")
     (output,) = _site_outputs(padded, site, "a cat")
-    expected = output[0, :real].float().mean(dim=0)
-    torch.testing.assert_close(samples[site].float(), expected, rtol=1e-4, atol=1e-5)
+    expected = output[0, :real].float()  # one sample per real token
+    torch.testing.assert_close(tokens[site].float(), expected, rtol=1e-4, atol=1e-5)
+    mean = pooled(padded, "mean")[site].float()
+    torch.testing.assert_close(mean, expected.mean(dim=0, keepdim=True), rtol=1e-4, atol=1e-5)
     if kind == "flux":
         return  # T5 attends to its padding (Flux passes no attention mask): states differ
     # causal decoders: the real tokens' states, hence the samples, do not see the padding
-    for name, values in pooled(unpadded).items():
-        torch.testing.assert_close(samples[name].float(), values.float(), rtol=1e-3, atol=1e-4)
+    for name, values in pooled(unpadded, "tokens").items():
+        torch.testing.assert_close(tokens[name].float(), values.float(), rtol=1e-3, atol=1e-4)
 
 
 def test_causal_collection_from_the_graph(pack, sd15):
     samples = _collect(
         pack, sd15.model, sd15.clip, causal=True, support="all", layers="layer norms only"
     )
+    # per token (the default): the 16 x 16 and 8 x 8 latent tokens, at most 64 a prompt
+    assert {len(values) for values in samples.source.values()} == {6 * 64}
     transport = _fit(pack, samples, support="all")
-    assert transport.causal
+    assert transport.causal and transport.info["pooling"] == "tokens"
     with pytest.raises(Exception, match="collected causally"):
         _fit(pack, samples, method="mean", support="all")
 
@@ -575,7 +691,8 @@ def test_video_collection_runs_the_frames_asked_for(pack):
         hook.remove()
     assert set(frames) == {1, 3}  # 9 frames are 3 latent frames (Wan compresses time by 4)
     assert still.sites == video.sites
-    assert not torch.allclose(still.source[still.sites[0]], video.source[video.sites[0]])
+    site = still.sites[0]  # per token: 4 x 4 latent tokens a frame, for each prompt
+    assert (len(still.source[site]), len(video.source[site])) == (6 * 16, 6 * 48)
 
 
 def test_steering_modules_that_never_run_is_an_error_not_a_silent_no_op(pack, sd15):

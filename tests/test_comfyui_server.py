@@ -131,7 +131,7 @@ def test_object_info_inputs_types_and_defaults(object_info):
             "strength": ("FLOAT", 1.0),
             "start_percent": ("FLOAT", 0.0),
             "end_percent": ("FLOAT", 1.0),
-            "apply_to": ("COMBO", "both branches"),
+            "apply_to": ("COMBO", "positive only"),
         },
         "AcTBake": {"transport": ("ACT_TRANSPORT", None), "strength": ("FLOAT", 1.0)},
         "AcTSaveTransport": {

@@ -154,8 +154,9 @@ def test_single_blocks_take_their_image_tokens_from_the_models_img_slice(collect
         split.attach(model, ["single_blocks.1", "double_blocks.0:0"], stack)
         assert len(model.single_blocks[1]._forward_pre_hooks) == 1
         assert not model.single_blocks[0]._forward_pre_hooks
-        # HunyuanImage: 4 prompt tokens + 3 glyph tokens before 9 image tokens, 2 after
-        model(torch.zeros(1, 18, 2), transformer_options={"img_slice": [7, 9]})
+        # HunyuanImage: 4 prompt tokens + 3 glyph tokens, then 9 image tokens; img_slice is
+        # [text tokens, all tokens]
+        model(torch.zeros(1, 16, 2), transformer_options={"img_slice": [7, 16]})
     assert split.image == slice(7, 16)
     assert not model.single_blocks[1]._forward_pre_hooks
 

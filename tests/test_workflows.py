@@ -19,6 +19,8 @@ from workflow_schema import (
     control_modes,
     load_json,
     load_snapshot,
+    options_of,
+    slot_spec,
     to_api,
     widget_values,
     workflow_paths,
@@ -83,8 +85,16 @@ def test_notes_explain_the_steps_briefly(name):
 @pytest.mark.parametrize("name", sorted(PATHS))
 def test_defaults_are_for_real_use(name, schemas):
     """Common checkpoint names; the model's native resolution for collection and images;
-    20-30 sampling steps; one collection step; collection seeds fixed (so it runs once)."""
+    20-30 sampling steps; one collection step; collection seeds fixed (so it runs once); the
+    nodes' default pooling (per token) and CFG branch (positive only)."""
     workflow = load_json(PATHS[name])
+    for node_type, field, default in (
+        ("AcTCollectActivations", "pooling", "tokens"),
+        ("AcTApply", "apply_to", "positive only"),
+    ):
+        assert options_of(slot_spec(schemas[node_type], field))["default"] == default
+        for node in nodes_of(workflow, node_type):
+            assert widget_values(node, schemas)[field] == default
     checkpoints = [
         widget_values(node, schemas)["ckpt_name"]
         for node in nodes_of(workflow, "CheckpointLoaderSimple")
