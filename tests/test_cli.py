@@ -164,14 +164,23 @@ def test_every_option_has_help_text():
             assert action.help, f"{name} {action.option_strings} has no help"
 
 
-def test_the_goal_picks_the_support_and_an_explicit_support_wins(files, tmp_path):
+def test_the_goal_picks_the_settings_and_explicit_options_win(files, tmp_path):
     base = ["fit-text", "--model", str(files["llama"]), "--source", str(files["source"]),
             "--target", str(files["target"])]  # fmt: skip
-    for extra, support in (([], "all"), (["--goal", "detox"], "range"),
-                           (["--goal", "detox", "--support", "q05"], "q05")):  # fmt: skip
-        out = tmp_path / f"{support}.safetensors"
+    cases = [
+        ([], ("linear", "all", "mean")),
+        (["--goal", "detox"], ("mean", "range", "mean")),  # the measured detox default
+        (["--goal", "detox", "--support", "q05"], ("mean", "q05", "mean")),
+        (["--goal", "detox", "--method", "linear", "--pooling", "tokens"],
+         ("linear", "range", "tokens")),
+    ]  # fmt: skip
+    for index, (extra, (method, support, pooling)) in enumerate(cases):
+        out = tmp_path / f"{index}.safetensors"
         assert main([*base, *extra, "--out", str(out)]) == 0
-        assert Transport.load(out).support == support
+        transport = Transport.load(out)
+        assert (transport.method, transport.support) == (method, support)
+        assert transport.info["pooling"] == pooling
+        assert transport.info["goal"] == ("detox" if extra else "concept")
 
 
 def test_layer_errors_suggest_text_presets_only(files, capsys, tmp_path):

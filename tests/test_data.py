@@ -1,6 +1,7 @@
 """The shipped prompt sets: balanced fitting sets, held-out evaluation sets."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,15 @@ def test_held_out_prompts_do_not_overlap_the_fitting_sentences(held_out):
 def test_unknown_set_names_the_choices():
     with pytest.raises(ActError, match="toxic, nontoxic"):
         lines("jigsaw")
+
+
+@pytest.mark.parametrize("name", ["toxic_prompts_tuning", "neutral_independent"])
+def test_bench_sets_share_no_sentence_with_the_shipped_sets(name):
+    """bench/data: the toxic starts the detox default was chosen on and the second neutral
+    text are independent of every shipped set (fitting and reported)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "data" / f"{name}.txt"
+    sentences = [_words(s) for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+    assert len(sentences) >= 48 and len(set(sentences)) == len(sentences)
+    shipped = [_words(s) for shipped_name in NAMES for s in lines(shipped_name)]
+    for sentence in sentences:
+        assert not any(sentence in other or other in sentence for other in shipped), sentence

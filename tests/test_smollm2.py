@@ -8,6 +8,7 @@ from act.steering import steer
 from act.text import encode, fit_text
 from act.text.data import lines
 from act.text.generation import Sampling, generate_tokens
+from act.text.goals import goal
 from act.text.models import load_causal_lm
 
 PROMPTS = ["Get lost, you miserable", "The best thing about living by the sea is"]
@@ -47,3 +48,21 @@ def test_smollm2_detox_transport_at_strength_zero_equals_plain(smollm2):
             steered = model(**inputs).logits[:, -1]
     assert off == plain and all(len(row) > 0 for row in plain)
     assert (steered - logits).abs().max() > 0.1
+
+
+def test_smollm2_detox_goal_fits_mean_act_on_mean_pooled_samples(smollm2):
+    """The measured detox default (see `act.text.goals`): a shift per unit, one sample per
+    sentence, inside the source's range, on the preset's 15 attention outputs."""
+    model, tokenizer = smollm2
+    options = goal("detox").options()
+    assert options == {"method": "mean", "support": "range", "layers": "llm", "pooling": "mean"}
+    source, target = lines("toxic")[:16], lines("nontoxic")[:16]
+    transport = fit_text(model, tokenizer, source, target, **options, progress=False)
+    assert (transport.method, transport.support, transport.info["pooling"]) == (
+        "mean",
+        "range",
+        "mean",
+    )
+    assert transport.source_samples == 16 and len(transport.sites) == 15
+    for site_map in transport.maps.values():
+        assert torch.all(site_map.omega == 1)  # Mean-AcT: a shift only

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..errors import ActError
-from .goals import GOALS, goal
+from .goals import GOALS, Goal, goal
 
 USAGE_ERROR = 2
 DEFAULT_THREADS = 1
@@ -92,15 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--goal",
         default="concept",
         choices=list(GOALS),
-        help="what the transport is for: concept (induction, support 'all'; the default) or "
-        "detox (mitigation, support 'range': only where activations look like the source)",
+        help="what the transport is for; it picks the defaults of the four options below: "
+        f"concept (induction, the default: {_describe(GOALS['concept'])}) or detox "
+        f"(mitigation: {_describe(GOALS['detox'])}; support 'range' moves only activations "
+        "inside the source's range)",
     )
     fit.add_argument("--layers", help="preset or regex (default: the goal's, the preset llm)")
     fit.add_argument(
         "--method",
-        default="linear",
         choices=["linear", "mean", "gaussian"],
-        help="linear (Linear-AcT, the default), mean (Mean-AcT: a shift) or gaussian",
+        help="linear (Linear-AcT), mean (Mean-AcT: a shift) or gaussian (default: the goal's)",
+    )
+    fit.add_argument(
+        "--pooling",
+        choices=["mean", "tokens"],
+        help="samples: mean (one per sentence, the mean of its tokens) or tokens (every token "
+        "a sample) (default: the goal's)",
     )
     fit.add_argument("--support", help="range, all or qNN, e.g. q05 (default: the goal's)")
     fit.add_argument("--causal", action="store_true", help="estimate layer after layer")
@@ -131,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="use the chat template")
     gen.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
+
+
+def _describe(chosen: Goal) -> str:
+    """A goal's settings in words: "Linear-AcT, mean-pooled samples, support 'all', ..."."""
+    pooling = "per-token" if chosen.pooling == "tokens" else "mean-pooled"
+    return (
+        f"{chosen.method.capitalize()}-AcT, {pooling} samples, support '{chosen.support}', "
+        f"layers '{chosen.layers}'"
+    )
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,7 +201,9 @@ def fit_text_command(args: argparse.Namespace) -> None:
 
     source, target = read_lines(args.source), read_lines(args.target)
     chosen = goal(args.goal)
-    support = chosen.support if args.support is None else args.support
+    options = chosen.options()
+    options.update({name: value for name in options if (value := getattr(args, name)) is not None})
+    support = options["support"]
     Support.parse(support)
     at_least_one(args.batch_size, "--batch-size")
     if not args.out.endswith(".safetensors"):
@@ -193,9 +211,8 @@ def fit_text_command(args: argparse.Namespace) -> None:
     model, tokenizer = load_causal_lm(args.model, device=args.device)
     start = time.perf_counter()
     transport = fit_text(
-        model, tokenizer, source, target,
-        layers=chosen.layers if args.layers is None else args.layers, method=args.method,
-        support=support, causal=args.causal, batch_size=args.batch_size,
+        model, tokenizer, source, target, **options, causal=args.causal,
+        batch_size=args.batch_size,
         info={"model": args.model, "source": args.source, "target": args.target,
               "goal": chosen.name},
     )  # fmt: skip

@@ -1,8 +1,9 @@
 """`python -m act demo`: detoxify and steer the built-in SmolLM2 with the shipped prompt sets.
 
-Two transports are fitted (Linear-AcT on the attention outputs): toxic -> non-toxic sentences
-(support: the source range, as in the paper for mitigation) and generic -> concept sentences
-(no support bound, as for induction). Each is shown on held-out prompts at strength 0 and 1.
+Two transports are fitted on the attention outputs, each with its goal's settings
+(`act.text.goals`): toxic -> non-toxic sentences (support: the source range, as in the paper for
+mitigation) and generic -> concept sentences (no support bound, as for induction). Each is
+shown on held-out prompts at strength 0 and 1.
 The scores are dependency-free word counts (insults and profanity, or words of the concept);
 `bench/text.py` measures the same with trained scorers.
 """
@@ -51,12 +52,12 @@ def run_demo(concept: str = "football", rows: int = 6) -> None:
     print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - start:.1f} s\n")
 
     fit_start = time.perf_counter()
-    detox = fit_text(model, tokenizer, *builtin_sentences("detox"), support=GOALS["detox"].support)
+    detox = fit_text(model, tokenizer, *builtin_sentences("detox"), **GOALS["detox"].options())
     detox_seconds = time.perf_counter() - fit_start
     prompts = lines("toxic_prompts")
     outputs = sweep(model, tokenizer, detox, prompts, [0.0, 1.0], TOXIC_SAMPLING)
     _table(
-        f"Detoxification: toxic -> non-toxic, Linear-AcT on {len(detox.sites)} attention "
+        f"Detoxification: toxic -> non-toxic, {_method('detox')} on {len(detox.sites)} attention "
         f"outputs, fitted on 64 + 64 sentences in {detox_seconds:.1f} s. Prompts are "
         "held-out toxic sentence starts, completed with sampling (T = 1, top-p 0.9); shown: "
         "those whose plain continuation has the most toxic words.",
@@ -65,21 +66,29 @@ def run_demo(concept: str = "football", rows: int = 6) -> None:
 
     fit_start = time.perf_counter()
     induction = fit_text(
-        model, tokenizer, *builtin_sentences("concept", concept), support=GOALS["concept"].support
+        model, tokenizer, *builtin_sentences("concept", concept), **GOALS["concept"].options()
     )
     concept_seconds = time.perf_counter() - fit_start
     prompts = lines("concept_prompts")[:CONCEPT_PROMPTS]
     outputs = sweep(model, tokenizer, induction, prompts, [0.0, 1.0], CONCEPT_SAMPLING)
     words = re.compile(rf"\b({CONCEPT_WORDS[concept]})\b", re.IGNORECASE)
     _table(
-        f"Concept induction: generic -> {concept}, Linear-AcT, fitted on 64 + 64 sentences "
-        f"in {concept_seconds:.1f} s. Prompts are held-out chat requests, answered greedily.",
+        f"Concept induction: generic -> {concept}, {_method('concept')}, fitted on 64 + 64 "
+        f"sentences in {concept_seconds:.1f} s. Prompts are held-out chat requests, answered "
+        "greedily.",
         prompts, outputs, words, f"{concept} words", rows, rank=False,
     )  # fmt: skip
     print(
         f"Fit time: {detox_seconds + concept_seconds:.1f} s for both transports; "
         f"total {time.perf_counter() - start:.0f} s."
     )
+
+
+def _method(name: str) -> str:
+    """How a goal's transport is estimated, e.g. "Mean-AcT (per-token samples)"."""
+    chosen = GOALS[name]
+    samples = "per-token samples" if chosen.pooling == "tokens" else "mean-pooled samples"
+    return f"{chosen.method.capitalize()}-AcT ({samples})"
 
 
 def _table(

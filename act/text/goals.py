@@ -6,6 +6,14 @@ text unlike the source is left alone; **induction** (adding a concept) transport
 activation (support "all"). Fitted with "range", a concept is barely visible (a pirate concept
 from 30 + 30 sentences hardly changed chat answers at λ = 1; with "all" it was clear). Both
 goals hook the family's layer preset (`llm`).
+
+Detoxification uses Mean-AcT (a per-unit shift) on mean-pooled samples, chosen on SmolLM2 with
+`bench/text.py --prompts tuning` (toxic starts that are never reported) against Linear-AcT,
+per-token samples and fewer layers. At λ = 1 it removed as much toxicity as Linear-AcT (mean
+p(toxic) 0.126 -> 0.032 vs 0.033) for less perplexity on both neutral texts (up 19.7% and 6.7%
+vs 20.8% and 7.8%); per-token samples cost more perplexity for the same toxicity (0.026 for
+31.6% and 14.5%), and hooking only layers 20–29 at λ = 1 (0.050 for 6.6%) removed less than
+λ = 0.5 on the preset's 15 layers (0.045 for 6.8%).
 """
 
 from __future__ import annotations
@@ -18,17 +26,33 @@ from .data import CONCEPTS, lines
 
 @dataclass(frozen=True)
 class Goal:
-    """What a transport is for, and the settings that follow from it."""
+    """What a transport is for, and the settings that follow from it: where maps apply
+    (`support`), the hooked `layers`, the estimation `method` and the `pooling` of samples."""
 
     name: str
     support: str
     layers: str
     description: str
+    method: str = "linear"
+    pooling: str = "mean"
+
+    def options(self) -> dict[str, str]:
+        """The goal's keyword arguments of `fit_text`: `fit_text(..., **goal.options())`."""
+        return {
+            "method": self.method,
+            "support": self.support,
+            "layers": self.layers,
+            "pooling": self.pooling,
+        }
 
 
 GOALS = {
     "detox": Goal(
-        "detox", "range", "llm", "mitigation: move away from the source, only where it shows"
+        "detox",
+        "range",
+        "llm",
+        "mitigation: move away from the source, only where it shows",
+        method="mean",
     ),
     "concept": Goal("concept", "all", "llm", "induction: move every activation to the target"),
 }
