@@ -1,21 +1,27 @@
-"""AcT on the shapes-world model, measured the way the paper measured SDXL and FLUX.
+"""AcT on the shapes-world model, measured the way artists use it.
 
-**Style control.** Fit on captions without a colour word (source) vs the same captions with
-"in red" (target); generate held-out captions that name other colours and count the images
-whose objects all turned red, and the images whose shapes are still the caption's (the
-analogue of the paper's CLIP score: the content is kept while the style changes).
+**Style control.** Fit on captions that name colours (source) vs the same captions with every
+colour word "red" (target): paired captions of the kind the evaluation uses. Generate held-out
+captions that name other colours and count the images whose objects all turned red
+("styled"), and the images whose shapes are still the caption's ("shapes kept", the analogue
+of the paper's CLIP score).
 
 **Concept negation.** Fit on captions of two-object scenes, one a triangle (source), vs the
 same captions with the triangle left out (target); generate held-out captions with a
-triangle and count the images that still show one, and the images that keep the other
-object (its shape and colour).
+triangle and count the images that still show one ("present"), and the images that keep the
+other object with its shape and colour ("others kept").
 
-Each task runs a default configuration and one change at a time: Mean-AcT instead of
-Linear-AcT, the UNet or the text encoder alone instead of both, the other support, causal
-instead of simultaneous estimation. Fitting prompts (scene seed 2) and evaluation prompts
-(scene seed 3) never share a scene, and neither is a training scene (seed 0).
+**Ceilings.** Content is reported relative to what the model does when the prompt itself
+asks for the change: the held-out scenes captioned in red (style), or without the triangle
+(negation). "kept / ceiling" = 100% means steering keeps content as well as prompting does.
 
-    python -m bench.shapes.steering --count 100 --grids docs/shapes
+Each task runs a default configuration and one change at a time (pooling, guidance branch,
+method, components, support, a step window for the UNet maps), over λ = 0 … 1.5, sampled
+with guidance 5 (as SD users sample). Fitting prompts (scene seed 2), the prompts defaults
+were chosen on (`--prompts tuning`, scene seed 4) and the reported prompts (scene seed 3)
+never share a scene, and none is a training scene (seed 0).
+
+    python -m bench.shapes.steering --count 48 --grids docs/shapes
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,38 +48,57 @@ from .model import MODEL_DIR, load_pipeline
 from .scorers import detect_objects
 from .world import Record, sample_records
 
-STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# Denser where each task's curve bends (measured on the tuning prompts).
+STRENGTHS = {
+    "style": (0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 1.0, 1.25, 1.5),
+    "negation": (0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 1.0, 1.5),
+}
 FIT_SEED = 2
-EVAL_SEED = 3
+EVAL_SEEDS = {"report": 3, "tuning": 4}
 STYLE_COLOUR = "red"
 NEGATED_SHAPE = "triangle"
 
 
 @dataclass(frozen=True)
 class Config:
-    """How a transport is fitted: method, components, support and estimation."""
+    """How a transport is fitted and applied."""
 
     method: str = "linear"
     where: str = "both"
     support: str = "all"
+    pooling: str = "tokens"
+    cond_only: bool = True
+    unet_steps: tuple[float, float] = (0.0, 1.0)
     causal: bool = False
 
     @property
     def label(self) -> str:
-        estimation = "causal" if self.causal else "simultaneous"
-        return f"{self.method}, {self.where}, {self.support}, {estimation}"
+        parts = [
+            self.method,
+            self.where,
+            self.support,
+            "per-token" if self.pooling == "tokens" else "pooled",
+            "cond branch" if self.cond_only else "both branches",
+        ]
+        if self.unet_steps != (0.0, 1.0):
+            parts.append(f"UNet steps {self.unet_steps[0]:g}–{self.unet_steps[1]:g}")
+        if self.causal:
+            parts.append("causal")
+        return ", ".join(parts)
 
 
 def variants(default: Config) -> list[Config]:
     """The default and one change at a time."""
-    other_support = "range" if default.support == "all" else "all"
     return [
         default,
+        replace(default, pooling="mean" if default.pooling == "tokens" else "tokens"),
+        replace(default, cond_only=not default.cond_only),
+        replace(default, pooling="mean", cond_only=False),  # the paper's choices
         replace(default, method="mean"),
         replace(default, where="unet"),
         replace(default, where="text_encoder"),
-        replace(default, support=other_support),
-        replace(default, causal=True),
+        replace(default, support="range" if default.support == "all" else "all"),
+        replace(default, unet_steps=(0.0, 0.5)),
     ]
 
 
@@ -84,11 +111,16 @@ def _scenes(count: int, seed: int, accept) -> list[Record]:
     return chosen[:count]
 
 
+def _without_colour(colour: str):
+    return lambda r: all(o.colour != colour for o in r.objects)
+
+
 def style_fit_prompts(count: int, colour: str = STYLE_COLOUR) -> tuple[list[str], list[str]]:
-    """(source, target): the same captions without a colour word and with "in <colour>"."""
-    records = _scenes(count, FIT_SEED, lambda r: True)
-    source = [caption(r, seed=i, colours=False) for i, r in enumerate(records)]
-    target = [caption(r, seed=i, colour_phrase=colour) for i, r in enumerate(records)]
+    """(source, target): captions naming the scene's colours (none `colour`), and the same
+    captions (same seed, so the same wording) with every object `colour`."""
+    records = _scenes(count, FIT_SEED, _without_colour(colour))
+    source = [caption(r, seed=i) for i, r in enumerate(records)]
+    target = [caption(r.recoloured(colour), seed=i) for i, r in enumerate(records)]
     return source, target
 
 
@@ -99,11 +131,14 @@ def _held_out(records: list[Record], count: int, exclude: set[str]) -> list[tupl
 
 
 def style_eval_prompts(
-    count: int, colour: str = STYLE_COLOUR, exclude: set[str] = frozenset()
+    count: int,
+    colour: str = STYLE_COLOUR,
+    exclude: set[str] = frozenset(),
+    prompts: str = "report",
 ) -> list[tuple[Record, str]]:
     """Held-out captions naming colours, none of them `colour`, none in `exclude` (the
     fitting prompts: a caption does not say where objects are, so scenes can share one)."""
-    records = _scenes(2 * count, EVAL_SEED, lambda r: all(o.colour != colour for o in r.objects))
+    records = _scenes(2 * count, EVAL_SEEDS[prompts], _without_colour(colour))
     return _held_out(records, count, exclude)
 
 
@@ -121,10 +156,13 @@ def negation_fit_prompts(count: int, shape: str = NEGATED_SHAPE) -> tuple[list[s
 
 
 def negation_eval_prompts(
-    count: int, shape: str = NEGATED_SHAPE, exclude: set[str] = frozenset()
+    count: int,
+    shape: str = NEGATED_SHAPE,
+    exclude: set[str] = frozenset(),
+    prompts: str = "report",
 ) -> list[tuple[Record, str]]:
     """Held-out captions of `shape` and one other object, none in `exclude`."""
-    return _held_out(_scenes(2 * count, EVAL_SEED, _one_of(shape)), count, exclude)
+    return _held_out(_scenes(2 * count, EVAL_SEEDS[prompts], _one_of(shape)), count, exclude)
 
 
 def style_scores(images: np.ndarray, records: list[Record], colour: str = STYLE_COLOUR) -> dict:
@@ -149,92 +187,168 @@ def negation_scores(images: np.ndarray, records: list[Record], shape: str = NEGA
     return {"present": present / len(records), "others kept": kept / len(records)}
 
 
+@dataclass(frozen=True)
+class Task:
+    """A task's prompts, scores and default, and what its ceiling prompt asks for."""
+
+    fit_prompts: object
+    eval_prompts: object
+    scores: object
+    prompted: object  # record -> the scene the prompt would ask for
+    content: str  # the score kept relative to the ceiling
+    default: Config
+    strengths: tuple[float, ...]
+
+
 TASKS = {
-    "style": (style_fit_prompts, style_eval_prompts, style_scores, Config(support="all")),
-    "negation": (
+    "style": Task(
+        style_fit_prompts,
+        style_eval_prompts,
+        style_scores,
+        lambda r: r.recoloured(STYLE_COLOUR),
+        "shapes kept",
+        Config(support="all"),
+        STRENGTHS["style"],
+    ),
+    "negation": Task(
         negation_fit_prompts,
         negation_eval_prompts,
         negation_scores,
+        lambda r: r.without(NEGATED_SHAPE),
+        "others kept",
         Config(support="range"),
+        STRENGTHS["negation"],
     ),
 }
 
 
 def fit(pipe, config: Config, source: list[str], target: list[str], cache: dict):
-    """A transport for `config`; simultaneous fits share one collection over both components
-    (the UNet's samples do not depend on the text encoder's maps when nothing is applied)."""
+    """A transport for `config`; simultaneous fits of one pooling share one collection over
+    both components (the UNet's samples do not depend on the text encoder's maps when
+    nothing is applied)."""
     options = dict(guidance_scale=GUIDANCE, num_inference_steps=STEPS, progress=False)
     if config.causal:
         return act.fit_pipeline(
             pipe, source, target, where=config.where, method=config.method,
-            support=config.support, causal=True, batch_size=64, **options,
+            support=config.support, causal=True, pooling=config.pooling, batch_size=64,
+            **options,
         )  # fmt: skip
-    if "samples" not in cache:
-        cache["samples"] = act.collect_pipeline(
-            pipe, source, target, where="both", batch_size=64, **options
+    if config.pooling not in cache:
+        cache[config.pooling] = act.collect_pipeline(
+            pipe, source, target, where="both", pooling=config.pooling, batch_size=64, **options
         )
-    transport = cache["samples"].fit(config.method, config.support)
+    transport = cache[config.pooling].fit(config.method, config.support)
     if config.where == "both":
         return transport
     prefix = "unet." if config.where == "unet" else "text_encoder."
     return transport.subset([s for s in transport.sites if s.startswith(prefix)])
 
 
-def run_task(pipe, task: str, fit_count: int, count: int, strengths=STRENGTHS) -> list[dict]:
-    """Rows of scores (one per configuration and strength) for one task."""
-    fit_prompts, eval_prompts, scores, default = TASKS[task]
-    source, target = fit_prompts(fit_count)
-    held_out = eval_prompts(count, exclude={*source, *target})
-    records, prompts = map(list, zip(*held_out, strict=True))
-    plain = scores(generate(pipe, prompts), records)  # λ = 0 is the plain pipeline
-    rows, cache = [], {}
-    for config in variants(default):
+@contextmanager
+def steered(pipe, transport, config: Config, strength: float) -> Iterator[None]:
+    """Steer as `config` says: the UNet maps in its step window, the text encoder's always
+    (they condition every step)."""
+    with ExitStack() as stack:
+        parts = {"": transport}
+        if config.unet_steps != (0.0, 1.0):
+            unet = [s for s in transport.sites if s.startswith("unet.")]
+            others = [s for s in transport.sites if not s.startswith("unet.")]
+            parts = {"": transport.subset(others)} if others else {}
+            parts["steps"] = transport.subset(unet)
+        for key, part in parts.items():
+            steps = config.unet_steps if key == "steps" else (0.0, 1.0)
+            stack.enter_context(
+                act.steer(pipe, part, strength=strength, steps=steps, cond_only=config.cond_only)
+            )
+        yield
+
+
+def ceiling(pipe, task: str, records: list[Record]) -> dict:
+    """The task's scores when the held-out scenes are prompted with the change itself."""
+    spec = TASKS[task]
+    wanted = [spec.prompted(r) for r in records]
+    prompts = [caption(r, seed=i) for i, r in enumerate(wanted)]
+    return spec.scores(generate(pipe, prompts), records)
+
+
+def run_task(
+    pipe,
+    task: str,
+    fit_count: int,
+    count: int,
+    strengths: tuple[float, ...] | None = None,
+    prompts: str = "report",
+    configs: list[Config] | None = None,
+) -> list[dict]:
+    """Rows of scores (one per configuration and strength) for one task, the first row the
+    prompted ceiling; each row's content score is also given relative to the ceiling."""
+    spec = TASKS[task]
+    source, target = spec.fit_prompts(fit_count)
+    held_out = spec.eval_prompts(count, exclude={*source, *target}, prompts=prompts)
+    records, texts = map(list, zip(*held_out, strict=True))
+    best = ceiling(pipe, task, records)
+    rows = [{"task": task, "config": "prompted (ceiling)", "strength": None} | best]
+    print(json.dumps(rows[-1]), flush=True)
+    plain = spec.scores(generate(pipe, texts), records)  # λ = 0 is the plain pipeline
+    cache: dict = {}
+    for config in configs or variants(spec.default):
         tick = time.perf_counter()
         transport = fit(pipe, config, source, target, cache)
         fit_seconds = time.perf_counter() - tick
-        for strength in strengths:
+        for strength in strengths or spec.strengths:
             if strength == 0:
                 result = plain
             else:
-                with act.steer(pipe, transport, strength=strength):
-                    result = scores(generate(pipe, prompts), records)
-            rows.append({"task": task, "config": config.label, "strength": strength} | result)
+                with steered(pipe, transport, config, strength):
+                    result = spec.scores(generate(pipe, texts), records)
+            relative = result[spec.content] / max(best[spec.content], 1e-9)
+            rows.append(
+                {"task": task, "config": config.label, "strength": strength}
+                | result
+                | {"kept / ceiling": relative}
+            )
             print(json.dumps(rows[-1] | {"fit s": round(fit_seconds, 1)}), flush=True)
     return rows
 
 
-def picture_grid(pipe, task: str, path: Path, prompts: int = 6, strengths=STRENGTHS) -> None:
-    """Held-out prompts (rows) × strengths (columns) with the task's default configuration,
-    one seed per prompt; the prompts are printed."""
-    fit_prompts, eval_prompts, _, default = TASKS[task]
-    source, target = fit_prompts(256)
-    transport = fit(pipe, default, source, target, {})
-    chosen = [prompt for _, prompt in eval_prompts(prompts, exclude={*source, *target})]
+def picture_grid(pipe, task: str, path: Path, prompts: int = 6) -> None:
+    """Reported held-out prompts (rows) × strengths (columns) with the task's default
+    configuration, one seed per prompt; the prompts are printed."""
+    spec = TASKS[task]
+    source, target = spec.fit_prompts(256)
+    transport = fit(pipe, spec.default, source, target, {})
+    chosen = [prompt for _, prompt in spec.eval_prompts(prompts, exclude={*source, *target})]
     columns = []
-    for strength in strengths:
-        with act.steer(pipe, transport, strength=strength):
+    for strength in spec.strengths:
+        with steered(pipe, transport, spec.default, strength):
             columns.append(generate(pipe, chosen))
     images = np.stack(columns, axis=1).reshape(-1, *columns[0].shape[1:])
-    grid(images, len(strengths), path, scale=4)
+    grid(images, len(spec.strengths), path, scale=4)
     for row, prompt in enumerate(chosen):
         print(f"{path.name} row {row + 1}: {prompt}")
 
 
 def markdown(rows: list[dict]) -> str:
-    """One table per task: configurations × strengths, each cell "metric / metric"."""
+    """One table per task: configurations × strengths, each cell "change / content (content
+    relative to the prompted ceiling)"; the ceiling is said above the table."""
     lines = []
     for task in dict.fromkeys(row["task"] for row in rows):
         task_rows = [row for row in rows if row["task"] == task]
-        metrics = [k for k in task_rows[0] if k not in ("task", "config", "strength")]
+        best = next(row for row in task_rows if row["strength"] is None)
+        task_rows = [row for row in task_rows if row["strength"] is not None]
+        change, content = [k for k in best if k not in ("task", "config", "strength")]
         strengths = list(dict.fromkeys(row["strength"] for row in task_rows))
         header = " | ".join(f"λ={s:g}" for s in strengths)
         lines += [
-            f"| {task}: {' / '.join(metrics)} | {header} |",
+            f"Prompted ceiling ({task}): {change} {best[change]:.0%}, {content} "
+            f"{best[content]:.0%}.",
+            "",
+            f"| {task}: {change} / {content} (of ceiling) | {header} |",
             "|---" * (len(strengths) + 1) + "|",
         ]
         for config in dict.fromkeys(row["config"] for row in task_rows):
             cells = [
-                " / ".join(f"{row[m]:.0%}" for m in metrics)
+                f"{row[change]:.0%} / {row[content]:.0%} ({row['kept / ceiling']:.0%})"
                 for row in task_rows
                 if row["config"] == config
             ]
@@ -248,7 +362,14 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=MODEL_DIR)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--fit-count", type=int, default=256, help="prompts per side")
-    parser.add_argument("--count", type=int, default=100, help="evaluation prompts")
+    parser.add_argument("--count", type=int, default=48, help="evaluation prompts")
+    parser.add_argument(
+        "--prompts",
+        choices=list(EVAL_SEEDS),
+        default="report",
+        help="'tuning': the prompts defaults are chosen on; 'report': the reported ones",
+    )
+    parser.add_argument("--strengths", type=float, nargs="+", help="default: the task's own")
     parser.add_argument("--grids", type=Path, help="folder for <task>.png picture grids")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see train.py)")
@@ -257,7 +378,8 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     rows = []
     for task in args.tasks:
-        rows += run_task(pipe, task, args.fit_count, args.count)
+        strengths = tuple(args.strengths) if args.strengths else None
+        rows += run_task(pipe, task, args.fit_count, args.count, strengths, args.prompts)
         if args.grids:
             args.grids.mkdir(parents=True, exist_ok=True)
             picture_grid(pipe, task, args.grids / f"shapes_{task}.png")
