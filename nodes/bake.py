@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 
 from ..act import ActError, Transport, bake_deltas
 from .apply import parts_of
-from .types import CATEGORY
+from .types import CATEGORY, SEARCH_ALIASES
 from .types import Transport as TransportSocket
 
 
@@ -34,11 +34,12 @@ class BakeAcT(io.ComfyNode):
             node_id="AcTBake",
             display_name="AcT Bake",
             category=CATEGORY,
+            search_aliases=[*SEARCH_ALIASES, "bake transport", "merge into weights"],
             description=(
                 "Folds the transport into the weights (like a LoRA), so steering costs nothing "
                 "while sampling. Only exact folds are done: maps fitted with support 'all' on "
                 "LayerNorm or Linear outputs (choose layers 'layer norms only'); anything else "
-                "is refused with the reason; use Apply AcT for it."
+                "is refused with the reason; use AcT Apply for it."
             ),
             inputs=[
                 TransportSocket.Input(
@@ -57,10 +58,19 @@ class BakeAcT(io.ComfyNode):
                     min=-2.0,
                     max=3.0,
                     step=0.05,
-                    tooltip="As in Apply AcT.",
+                    tooltip="As in AcT Apply (strength_model, strength_clip).",
                 ),
             ],
-            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP")],
+            outputs=[
+                io.Model.Output(
+                    display_name="MODEL",
+                    tooltip="The diffusion model with the transport in its weights (a patched copy).",
+                ),
+                io.Clip.Output(
+                    display_name="CLIP",
+                    tooltip="The text encoder with the transport in its weights (a patched copy).",
+                ),
+            ],
         )
 
     @classmethod

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import comfy.model_management
 import comfy.utils
+import comfyui_version
+import folder_paths
+import torch
 from comfy_api.latest import io, ui
 
-from ..act import ModulesNeverRanError, collect
+from ..act import ActError, ModulesNeverRanError, collect
 from ..act.maps import METHODS
 from ..act.recording import DEFAULT_MAX_TOKENS
+from .cache import MODES, SampleCache, cache_folder, cache_key, size_limit
 from .collection import (
     WHERE,
+    check_connected,
     collection_batches,
     collection_root,
     describe_models,
     never_ran_error,
     one_sample_per_step,
 )
+from .identity import clip_identity, model_identity
 from .presets import LAYER_CHOICES
 from .prompts import parse_prompts
-from .types import CATEGORY, Samples
+from .types import CATEGORY, FOLDER, SEARCH_ALIASES, Samples
 
 SUPPORTS = ["range", "all", "q01", "q05", "q10"]
 POOLING_DEFAULT = "tokens"
@@ -43,6 +50,12 @@ class CollectActivations(io.ComfyNode):
             node_id="AcTCollectActivations",
             display_name="AcT Collect Activations",
             category=CATEGORY,
+            search_aliases=[
+                *SEARCH_ALIASES,
+                "collect activations",
+                "record activations",
+                "concept",
+            ],
             description=(
                 "Runs source and target prompts through the model and records the activations "
                 "of the chosen layers (the positive branch of the first, noisiest denoising "
@@ -138,8 +151,8 @@ class CollectActivations(io.ComfyNode):
                 io.Combo.Input(
                     "support",
                     options=SUPPORTS,
-                    default="range",
-                    tooltip="Causal only: the support used while collecting.",
+                    default="all",
+                    tooltip="Causal only: the support used while collecting (Fit Transport's default is all too; the two must match).",
                 ),
                 io.Int.Input(
                     "frames",
@@ -166,8 +179,27 @@ class CollectActivations(io.ComfyNode):
                         "are spatial means either way."
                     ),
                 ),
+                io.Combo.Input(
+                    "cache",
+                    options=MODES,
+                    default="use",
+                    optional=True,
+                    tooltip=(
+                        "use: reuse the samples collected earlier from exactly these inputs "
+                        "(model, LoRAs, CLIP, prompts, every setting), even after other graphs "
+                        "ran or ComfyUI restarted; refresh: collect again and replace them; "
+                        "off: always collect, keep nothing. Kept in models/act/cache, at most "
+                        "ACT_COLLECTION_CACHE_GB gigabytes (default 2, least recently used "
+                        "dropped first); delete that folder to clear it."
+                    ),
+                ),
             ],
-            outputs=[Samples.Output(display_name="samples")],
+            outputs=[
+                Samples.Output(
+                    display_name="samples",
+                    tooltip="The pooled activations of both prompt lists: connect to Fit Transport.",
+                )
+            ],
         )
 
     @classmethod
@@ -190,11 +222,35 @@ class CollectActivations(io.ComfyNode):
         layer_regex: str = "",
         frames: int = 1,
         pooling: str = POOLING_DEFAULT,
+        cache: str = "use",
     ) -> io.NodeOutput:
         prompts = {
             "source": parse_prompts(source_prompts, "source_prompts"),
             "target": parse_prompts(target_prompts, "target_prompts"),
         }
+        check_connected(model, clip, where)
+        settings = {
+            "where": where,
+            "layers": layers,
+            "layer_regex": layer_regex if layers == "custom regex" else "",
+            "seed": seed,
+            "size": [width, height, frames],
+            "steps": steps,
+            "batch_size": batch_size,
+            "causal": [method, support] if causal else None,
+            "pooling": [pooling, DEFAULT_MAX_TOKENS],
+        }
+        store = _sample_cache(cache)
+        key = cache_key(_key_parts(model, clip, prompts, settings)) if store else None
+        if store and cache == "use":
+            cached = store.load(key)
+            if cached is not None:
+                summary = (
+                    f"{cached.model_class}: {cached.summary()}, from the collection cache "
+                    f"({store.path(key)}; cache 'refresh' collects again)"
+                    f"\nlayers ({layers}): {_sites_summary(cached.sites)}"
+                )
+                return io.NodeOutput(cached, ui=ui.PreviewText(summary))
         size = (width, height, frames)
         root, sites = collection_root(model, clip, where, layers, layer_regex, size)
         if causal and where != "diffusion model":
@@ -235,8 +291,44 @@ class CollectActivations(io.ComfyNode):
         if where == "both" and steps > 1 and not causal and not samples.pooling.per_token:
             one_sample_per_step(samples, steps)
         samples.model_class = models
+        seconds = time.perf_counter() - start
+        note = "" if store is None else _store(store, key, samples)
         summary = (
-            f"{samples.model_class}: {samples.summary()} in {time.perf_counter() - start:.1f} s"
+            f"{samples.model_class}: {samples.summary()} in {seconds:.1f} s{note}"
             f"\nlayers ({layers}): {_sites_summary(sites)}"
         )
         return io.NodeOutput(samples, ui=ui.PreviewText(summary))
+
+
+def _sample_cache(mode: str) -> SampleCache | None:
+    """The collection cache, or None with cache 'off' or a size cap of 0."""
+    if mode not in MODES:
+        raise ActError(f"unknown cache mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "off":
+        return None  # without reading ACT_COLLECTION_CACHE_GB: a wrong value cannot stop it
+    limit = size_limit()
+    if limit == 0:
+        return None
+    return SampleCache(cache_folder(os.path.join(folder_paths.models_dir, FOLDER, "cache")), limit)
+
+
+def _key_parts(model, clip, prompts: dict[str, list[str]], settings: dict) -> dict:
+    """What determines a collection: prompts, settings, the CLIP, the MODEL where it is
+    collected from, and the versions of torch and ComfyUI."""
+    uses_model = settings["where"] in ("diffusion model", "both")
+    return {
+        "prompts": prompts,
+        "settings": settings,
+        "clip": clip_identity(clip),
+        "model": model_identity(model) if uses_model else None,
+        "versions": [torch.__version__, comfyui_version.__version__],
+    }
+
+
+def _store(store: SampleCache, key: str, samples) -> str:
+    """Stores the samples; a note for the node's text when they could not be kept."""
+    try:
+        kept = store.store(key, samples)
+    except OSError as error:
+        return f" (not cached: cannot write {store.folder}: {error.strerror})"
+    return "" if kept else f" (not cached: larger than the {store.max_bytes / 1e9:g} GB cap)"

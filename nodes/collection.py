@@ -44,14 +44,9 @@ def collection_root(
     A DiT's "auto" sites come from a dry run: one denoising call at `probe_size` (width,
     height in pixels, frames) with an empty prompt.
     """
-    if where not in WHERE:
-        raise ActError(f"unknown 'where' {where!r}; choose one of {WHERE}")
-    if clip is None:
-        raise ActError("connect a CLIP: it encodes the prompts (and is steered for 'text encoder')")
+    check_connected(model, clip, where)
     parts: dict[str, nn.Module] = {}
     if where in ("diffusion model", "both"):
-        if model is None:
-            raise ActError(f"where is {where!r}: connect a MODEL")
         comfy.model_management.load_models_gpu([model])
         parts[diffusion_model.PREFIX] = model.model.diffusion_model
     if where in ("text encoder", "both"):
@@ -66,6 +61,16 @@ def collection_root(
         for site in resolve_layers(part, layers, regex, probes.get(prefix))
     ]
     return nn.ModuleDict(parts), sites
+
+
+def check_connected(model: Any, clip: Any, where: str) -> None:
+    """Raise unless the parts that `where` collects from (and the CLIP) are connected."""
+    if where not in WHERE:
+        raise ActError(f"unknown 'where' {where!r}; choose one of {WHERE}")
+    if clip is None:
+        raise ActError("connect a CLIP: it encodes the prompts (and is steered for 'text encoder')")
+    if where in ("diffusion model", "both") and model is None:
+        raise ActError(f"where is {where!r}: connect a MODEL")
 
 
 def token_block_sites(

@@ -26,6 +26,8 @@ from torch import nn
 
 from ..act import ActError, Transport, steer
 from ..act.hooks import check_fingerprint, split_site
+from . import masking
+from .block_weights import block_groups, parse_block_weights, site_weights
 from .presets import is_flux
 
 PREFIX = "diffusion_model"
@@ -148,52 +150,61 @@ def steered_model(
     start_percent: float = 0.0,
     end_percent: float = 1.0,
     positive_only: bool = False,
+    block_weights: str = "",
+    mask: torch.Tensor | None = None,
 ) -> Any:
     """A clone of `model` whose diffusion model is steered while sampling.
 
     Args:
         transport: sites relative to the diffusion model (`input_blocks.1.1…`).
-        start_percent, end_percent: steer only while the sampling progress is in this range.
+        start_percent, end_percent: steer only while the sampling progress is in this range,
+            converted to sigmas by the model_sampling in effect when the model runs (so a
+            ModelSampling node after this one moves nothing).
         positive_only: steer only the positive (conditional) half of CFG batches.
+        block_weights: one factor per block group (`block_weights.block_groups`), "" for 1.
+        mask: a ComfyUI MASK; steer only inside it (`masking`).
 
     Raises:
         ModelMismatchError: a module is missing or has other parameter shapes.
+        ActError: block_weights or mask do not fit the model.
     """
     root = model.model.diffusion_model
     check_fingerprint(root, transport.module_params, transport.model_class)
-    sampling = model.get_model_object("model_sampling")
-    sigma_start = float(sampling.percent_to_sigma(start_percent))
-    sigma_end = float(sampling.percent_to_sigma(end_percent))
-    parts = _split_joint_sites(transport, joint_tokens(root))
+    window = SigmaWindow(start_percent, end_percent)
+    parts = steered_parts(transport, root, strength, block_weights)
+    region = None if mask is None else masking.as_mask(mask)
 
     def wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         arguments = call_arguments(executor, args, kwargs)
         options = arguments.get("transformer_options") or {}
         sigmas = options.get("sigmas")
-        if strength == 0 or (
-            sigmas is not None and not sigma_end <= float(sigmas.max()) <= sigma_start
+        if not parts or (
+            sigmas is not None
+            and not window.holds(executor.class_obj.model_sampling, float(sigmas.max()))
         ):
             return executor(*args, **kwargs)
         kinds = list(options.get("cond_or_uncond") or [0])
         diffusion = executor.class_obj.diffusion_model
         split = TokenSplit.of_call(diffusion, arguments)
+        layout = None
+        if region is not None:
+            layout = masking.TokenLayout.of_call(
+                diffusion, arguments["x"], arguments.get("c_crossattn")
+            )
         with ExitStack() as stack:
             split.attach(diffusion, transport.sites, stack)
-            steerings = [
-                stack.enter_context(
-                    steer(
-                        diffusion,
-                        part,
-                        strength,
-                        rows=_row_selector(kinds, positive_only, joint, split),
-                    )
-                )
-                for joint, part in parts
-            ]
+            steerings = []
+            for joint, factor, part in parts:
+                rows = _row_selector(kinds, positive_only, joint, split)
+                if region is None:
+                    steering = steer(diffusion, part, factor, rows=rows)
+                else:
+                    steering = masking.MaskedSteering(diffusion, part, factor, region, layout, rows)
+                steerings.append(stack.enter_context(steering))
             output = executor(*args, **kwargs)
         if not any(steering.calls for steering in steerings):
             raise ActError(
-                f"Apply AcT: the {type(diffusion).__name__} ran, but none of the "
+                f"AcT Apply: the {type(diffusion).__name__} ran, but none of the "
                 f"{len(transport.maps)} modules the transport steers did (e.g. "
                 f"{transport.sites[0]!r}), so nothing was steered; fit the transport on this "
                 "model with layers whose modules run (a 'custom regex' of block outputs)"
@@ -207,6 +218,52 @@ def steered_model(
     return steered
 
 
+class SigmaWindow:
+    """start/end percent of the schedule as sigmas, converted by the model_sampling in effect
+    when the model runs (as ComfyUI's ControlNets do when sampling starts), once per
+    model_sampling object."""
+
+    def __init__(self, start_percent: float, end_percent: float) -> None:
+        self.start_percent, self.end_percent = start_percent, end_percent
+        self._sampling: Any = None
+        self._sigmas = (math.inf, 0.0)
+
+    def sigmas(self, model_sampling: Any) -> tuple[float, float]:
+        """(sigma where steering starts, sigma where it ends) under `model_sampling`."""
+        if model_sampling is not self._sampling:
+            self._sigmas = (
+                float(model_sampling.percent_to_sigma(self.start_percent)),
+                float(model_sampling.percent_to_sigma(self.end_percent)),
+            )
+            self._sampling = model_sampling
+        return self._sigmas
+
+    def holds(self, model_sampling: Any, sigma: float) -> bool:
+        """Whether a call at `sigma` is inside the window."""
+        start, end = self.sigmas(model_sampling)
+        return end <= sigma <= start
+
+
+def steered_parts(
+    transport: Transport, root: nn.Module, strength: float, block_weights: str = ""
+) -> list[tuple[bool, float, Transport]]:
+    """(joint text + image sites?, strength, sites) parts to steer: sites of joint blocks need
+    their text tokens left alone (their own row selector), and each block group its strength
+    (strength x the group's weight). Parts at strength 0 are left out."""
+    groups = block_groups(root) if (block_weights or "").strip() else []
+    weights = site_weights(transport.sites, groups, parse_block_weights(block_weights, groups))
+    layout = joint_tokens(root)
+    by_part: dict[tuple[bool, float], list[str]] = {}
+    for site in transport.sites:
+        joint = layout is not None and layout.holds(site)
+        by_part.setdefault((joint, strength * weights[site]), []).append(site)
+    return [
+        (joint, factor, transport.subset(sites))
+        for (joint, factor), sites in by_part.items()
+        if factor != 0
+    ]
+
+
 def _row_selector(
     kinds: list[int], positive_only: bool, joint: bool, split: TokenSplit
 ) -> Callable[[int], list] | None:
@@ -218,20 +275,6 @@ def _row_selector(
         return split.rows(chosen) if joint else chosen
 
     return rows
-
-
-def _split_joint_sites(
-    transport: Transport, layout: JointTokens | None
-) -> list[tuple[bool, Transport]]:
-    """Sites of joint text + image blocks need their text tokens left alone: they are
-    steered as a second part, with their own row selector."""
-    joint = [site for site in transport.sites if layout is not None and layout.holds(site)]
-    others = [site for site in transport.sites if site not in joint]
-    return [
-        (is_joint, transport.subset(sites))
-        for is_joint, sites in ((False, others), (True, joint))
-        if sites
-    ]
 
 
 class FirstSteps:

@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .apply import ApplyAcT
 from .bake import BakeAcT
+from .captions import StylePrompts
 from .collect import CollectActivations
 from .files import LoadTransport, SaveTransport
 from .fit import FitTransport
@@ -13,6 +14,7 @@ from .llm import LLMGenerate
 from .sweep import LabelledGrid, StrengthSweep
 
 NODES: list[type[io.ComfyNode]] = [
+    StylePrompts,
     CollectActivations,
     FitTransport,
     ApplyAcT,

@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..act import ActError
 from ..act import Transport as TransportData
-from .types import CATEGORY, FOLDER, Transport
+from .types import CATEGORY, FOLDER, SEARCH_ALIASES, Transport
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._ -]+")
 
@@ -37,6 +37,7 @@ class SaveTransport(io.ComfyNode):
             node_id="AcTSaveTransport",
             display_name="AcT Save Transport",
             category=CATEGORY,
+            search_aliases=[*SEARCH_ALIASES, "save transport", "export transport"],
             description="Saves a transport to models/act as a .safetensors file (no pickle), to reuse in other graphs or share.",
             inputs=[
                 Transport.Input("transport", tooltip="From Fit Transport."),
@@ -71,7 +72,8 @@ class LoadTransport(io.ComfyNode):
             node_id="AcTLoadTransport",
             display_name="AcT Load Transport",
             category=CATEGORY,
-            description="Loads a transport file from models/act. Apply AcT checks that it fits the model it is applied to.",
+            search_aliases=[*SEARCH_ALIASES, "load transport", "transport file"],
+            description="Loads a transport file from models/act. AcT Apply checks that it fits the model it is applied to.",
             inputs=[
                 io.Combo.Input(
                     "transport_name",
@@ -79,7 +81,12 @@ class LoadTransport(io.ComfyNode):
                     tooltip="A .safetensors file in models/act.",
                 ),
             ],
-            outputs=[Transport.Output(display_name="transport")],
+            outputs=[
+                Transport.Output(
+                    display_name="transport",
+                    tooltip="The loaded maps: connect to AcT Apply, Strength Sweep or Bake.",
+                )
+            ],
         )
 
     @classmethod

@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 
 from ..act.maps import METHODS
 from .collect import SUPPORTS
-from .types import CATEGORY, Samples, Transport
+from .types import CATEGORY, SEARCH_ALIASES, Samples, Transport
 
 
 class FitTransport(io.ComfyNode):
@@ -19,10 +19,16 @@ class FitTransport(io.ComfyNode):
             node_id="AcTFitTransport",
             display_name="AcT Fit Transport",
             category=CATEGORY,
+            search_aliases=[
+                *SEARCH_ALIASES,
+                "fit transport",
+                "optimal transport",
+                "linear act",
+            ],
             description=(
                 "Fits, for every unit of the collected layers, the optimal-transport map from "
                 "the source activations to the target ones (Linear-AcT). Connect the result "
-                "to Apply AcT or Save Transport."
+                "to AcT Apply or Save Transport."
             ),
             inputs=[
                 Samples.Input("samples", tooltip="From Collect Activations."),
@@ -35,8 +41,8 @@ class FitTransport(io.ComfyNode):
                 io.Combo.Input(
                     "support",
                     options=SUPPORTS,
-                    default="range",
-                    tooltip="range: only move activations inside the source range (best to remove a concept); all: move everything (best for styles); qNN: inside the NN%..(100-NN)% quantiles.",
+                    default="all",
+                    tooltip="all (the default, for styles): move every activation; range: move only activations inside the source range, for removing a concept (e.g. the pink elephant); qNN: inside the NN%..(100-NN)% quantiles.",
                 ),
                 io.String.Input(
                     "description",
@@ -45,7 +51,12 @@ class FitTransport(io.ComfyNode):
                     tooltip="Stored in the transport file.",
                 ),
             ],
-            outputs=[Transport.Output(display_name="transport")],
+            outputs=[
+                Transport.Output(
+                    display_name="transport",
+                    tooltip="The fitted maps: connect to AcT Apply, Strength Sweep, Bake or Save Transport.",
+                )
+            ],
         )
 
     @classmethod

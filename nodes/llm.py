@@ -19,7 +19,7 @@ from ..act.text.goals import GOALS as GOALS_BY_NAME
 from ..act.text.goals import builtin_sentences
 from ..act.text.models import BUILTIN, load_causal_lm
 from .prompts import parse_prompts
-from .types import CATEGORY, Transport
+from .types import CATEGORY, SEARCH_ALIASES, Transport
 
 LLM_FOLDER = "LLM"
 BUILTIN_CHOICE = "smollm2 (built-in)"
@@ -64,24 +64,25 @@ def model_path(choice: str) -> str:
     raise ActError(f"model {choice!r} not found in models/{LLM_FOLDER}")
 
 
-def sentence_sets(goal: str, source: str, target: str) -> tuple[list[str], list[str], str]:
-    """(source sentences, target sentences, support) for a goal of the combo.
+def sentence_sets(goal: str, source: str, target: str) -> tuple[list[str], list[str], dict]:
+    """(source sentences, target sentences, `fit_text` options) for a goal of the combo.
 
-    Detoxification and "mitigate" transport only inside the source's range; concepts and
-    plain custom sentences everywhere (the paper's rule, see `act.text.goals`).
+    Detoxification and "mitigate" use the detox goal's settings (Mean-AcT, only inside the
+    source's range); concepts and plain custom sentences the concept goal's (everywhere; the
+    paper's rule, see `act.text.goals`).
     """
     if goal == DETOXIFY:
-        return *builtin_sentences("detox"), GOALS_BY_NAME["detox"].support
+        return *builtin_sentences("detox"), GOALS_BY_NAME["detox"].options()
     for concept in CONCEPTS:
         if goal.startswith(f"concept: {concept} "):
-            return *builtin_sentences("concept", concept), GOALS_BY_NAME["concept"].support
+            return *builtin_sentences("concept", concept), GOALS_BY_NAME["concept"].options()
     if goal not in (CUSTOM, CUSTOM_MITIGATION):
         raise ActError(f"unknown goal {goal!r}; choose one of {GOALS}")
     kind = "detox" if goal == CUSTOM_MITIGATION else "concept"
     return (
         parse_prompts(source, "source_sentences"),
         parse_prompts(target, "target_sentences"),
-        GOALS_BY_NAME[kind].support,
+        GOALS_BY_NAME[kind].options(),
     )
 
 
@@ -116,6 +117,13 @@ class LLMGenerate(io.ComfyNode):
             node_id="AcTLLMGenerate",
             display_name="AcT LLM Generate",
             category=CATEGORY,
+            search_aliases=[
+                *SEARCH_ALIASES,
+                "llm",
+                "text generation",
+                "detoxify",
+                "language model",
+            ],
             description=(
                 "Generates text with a small language model steered by Activation Transport: "
                 "detoxify it, or make it talk about a concept. Connect a transport, or let the "
@@ -232,15 +240,15 @@ class LLMGenerate(io.ComfyNode):
             _models, (path, str(device)), 1, lambda: load_causal_lm(path, device=device)
         )
         if transport is None:
-            source, target, support = sentence_sets(goal, source_sentences, target_sentences)
-            key = (path, str(device), tuple(source), tuple(target), support)
+            source, target, options = sentence_sets(goal, source_sentences, target_sentences)
+            key = (path, str(device), tuple(source), tuple(target), tuple(options.items()))
             transport = _cached(
                 _transports,
                 key,
                 8,
                 lambda: fit_text(
                     language_model, tokenizer, source, target,
-                    support=support, progress=_comfy_progress(),
+                    **options, progress=_comfy_progress(),
                 ),
             )  # fmt: skip
         sampling = Sampling(

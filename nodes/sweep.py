@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..act import ActError
 from . import diffusion_model
-from .apply import parts_of
-from .types import CATEGORY, Transport
+from .apply import label, parts_of
+from .types import CATEGORY, SEARCH_ALIASES, Transport
 
 LABEL_HEIGHT = 28
 
@@ -59,11 +59,12 @@ class StrengthSweep(io.ComfyNode):
             node_id="AcTStrengthSweep",
             display_name="AcT Strength Sweep",
             category=CATEGORY,
+            search_aliases=[*SEARCH_ALIASES, "strength sweep", "compare strengths", "xy plot"],
             description=(
                 "Samples the same seed and prompt once per strength, so you can pick a strength "
                 "by eye: decode the latents and feed them with the labels to AcT Labelled Grid. "
                 "Sweeps the diffusion-model maps of the transport (for text-encoder maps, use "
-                "Apply AcT once per strength)."
+                "AcT Apply once per strength)."
             ),
             inputs=[
                 io.Model.Input(
@@ -117,8 +118,14 @@ class StrengthSweep(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Latent.Output(display_name="LATENT"),
-                io.String.Output(display_name="labels"),
+                io.Latent.Output(
+                    display_name="LATENT",
+                    tooltip="One sampled latent per strength (and per latent of the batch), in order.",
+                ),
+                io.String.Output(
+                    display_name="labels",
+                    tooltip="'strength 0.5 (...)' per image, one per line: connect to Labelled Grid's labels.",
+                ),
             ],
         )
 
@@ -143,7 +150,8 @@ class StrengthSweep(io.ComfyNode):
                 )
             )  # fmt: skip
             progress.update_absolute(done, len(values))
-        labels = [f"strength {value:g}" for value in values for _ in range(latent.shape[0])]
+        labels = [label(transport, value, None, "") for value in values]
+        labels = [text for text in labels for _ in range(latent.shape[0])]
         return io.NodeOutput({"samples": torch.cat(results)}, "\n".join(labels))
 
 
@@ -154,6 +162,7 @@ class LabelledGrid(io.ComfyNode):
             node_id="AcTLabelledGrid",
             display_name="AcT Labelled Grid",
             category=CATEGORY,
+            search_aliases=[*SEARCH_ALIASES, "labelled grid", "image grid", "label images"],
             description="Tiles a batch of images into one picture with a label above each (e.g. the strengths of a sweep).",
             inputs=[
                 io.Image.Input(
@@ -164,7 +173,7 @@ class LabelledGrid(io.ComfyNode):
                     "labels",
                     multiline=True,
                     default="",
-                    tooltip="One label per line, in image order (connect Strength Sweep's labels).",
+                    tooltip="One label per line, in image order (connect Strength Sweep's labels, or type labels for images no AcT node made, e.g. 'without AcT').",
                 ),
                 io.Int.Input(
                     "columns",
@@ -173,10 +182,23 @@ class LabelledGrid(io.ComfyNode):
                     max=64,
                     tooltip="Images per row; 0 puts them all in one row.",
                 ),
+                io.String.Input(
+                    "more_labels",
+                    optional=True,
+                    force_input=True,
+                    tooltip="Labels for the images after those of labels, one per line: connect AcT Apply's label, so the picture says which strength made it.",
+                ),
             ],
-            outputs=[io.Image.Output(display_name="IMAGE")],
+            outputs=[
+                io.Image.Output(
+                    display_name="IMAGE", tooltip="One picture: the images in a grid, labelled."
+                )
+            ],
         )
 
     @classmethod
-    def execute(cls, images: torch.Tensor, labels: str, columns: int) -> io.NodeOutput:
-        return io.NodeOutput(label_grid(images, (labels or "").splitlines(), columns))
+    def execute(
+        cls, images: torch.Tensor, labels: str, columns: int, more_labels: str = ""
+    ) -> io.NodeOutput:
+        lines = (labels or "").splitlines() + (more_labels or "").splitlines()
+        return io.NodeOutput(label_grid(images, lines, columns))

@@ -11,6 +11,8 @@ Transport = io.Custom("ACT_TRANSPORT")
 Samples = io.Custom("ACT_SAMPLES")
 
 CATEGORY = "AcT"
+# what every node of the pack is found by in the node search, besides its own words
+SEARCH_ALIASES = ["act", "activation transport", "steer", "steering", "style", "negation"]
 FOLDER = "act"
 
 

@@ -111,6 +111,11 @@ class ComfyServer:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
 
+    def request_bytes(self, route: str, timeout: float = 60) -> bytes:
+        """GET `route`: the answer's bytes (a served file)."""
+        with urllib.request.urlopen(self.url + route, timeout=timeout) as response:
+            return response.read()
+
     def object_info(self, node_id: str | None = None) -> dict[str, Any]:
         """GET /object_info (every node) or /object_info/<node_id> (that node's entry)."""
         if node_id is None:

@@ -44,7 +44,8 @@ def pack():
 
 def _collect_output(pack, model, clip, **overrides):
     """Collect Activations' output (samples and summary text), at the node's default pooling
-    unless `pooling` is given."""
+    unless `pooling` is given. The collection cache is off: every call here collects, whatever
+    an earlier test collected from equal inputs (tests/test_comfyui_ux.py tests the cache)."""
     arguments = dict(
         model=model,
         clip=clip,
@@ -61,6 +62,7 @@ def _collect_output(pack, model, clip, **overrides):
         method="linear",
         support="range",
         frames=1,
+        cache="off",
     )
     arguments.update(overrides)
     return pack.nodes["AcTCollectActivations"].execute(**arguments)
@@ -93,18 +95,31 @@ def _apply(
     start=0.0,
     end=1.0,
     apply_to="both branches",
+    strength_clip=None,
+    **optional,
 ):
-    """Apply AcT; both CFG branches unless told (as baked weights steer them)."""
-    output = pack.nodes["AcTApply"].execute(
+    """AcT Apply at `strength` on both parts unless `strength_clip` is given; both CFG
+    branches unless told (as baked weights steer them)."""
+    return _apply_output(
+        pack, transport, model, clip, strength, start, end, apply_to, strength_clip, **optional
+    ).result[:2]
+
+
+def _apply_output(
+    pack, transport, model=None, clip=None, strength=1.0, start=0.0, end=1.0,
+    apply_to="both branches", strength_clip=None, **optional,
+):  # fmt: skip
+    return pack.nodes["AcTApply"].execute(
         transport=transport,
         model=model,
         clip=clip,
-        strength=strength,
+        strength_model=strength,
+        strength_clip=strength if strength_clip is None else strength_clip,
         start_percent=start,
         end_percent=end,
         apply_to=apply_to,
+        **optional,
     )
-    return output.result
 
 
 def _hooks_left(module) -> int:
@@ -454,9 +469,11 @@ def test_interrupting_collection_leaves_the_model_clean(pack, sd15):
     plain = sample(sd15.model, *sd15.conds)
     for causal in (False, True):
         mm.interrupt_current_processing(True)
-        with pytest.raises(mm.InterruptProcessingException):
-            _collect(pack, sd15.model, sd15.clip, causal=causal)
-        mm.interrupt_current_processing(False)
+        try:
+            with pytest.raises(mm.InterruptProcessingException):
+                _collect(pack, sd15.model, sd15.clip, causal=causal)
+        finally:  # a flag left set would interrupt every later test's sampling
+            mm.interrupt_current_processing(False)
         assert _hooks_left(sd15.model.model.diffusion_model) == 0
         assert _hooks_left(sd15.clip.cond_stage_model) == 0
     assert torch.equal(sample(sd15.model, *sd15.conds), plain)
@@ -728,7 +745,7 @@ def test_strength_sweep_renders_each_strength_from_the_same_noise(pack, sd15):
     )
     (result, labels) = sweep.result
     assert result["samples"].shape == (3, 4, 16, 16)
-    assert labels.splitlines() == ["strength 0", "strength 0.5", "strength 1"]
+    assert labels.splitlines() == ["strength 0 (off)", "strength 0.5", "strength 1"]
     plain = sample(sd15.model, *sd15.conds)
     assert torch.equal(result["samples"][0:1], plain)
     (on, _) = _apply(pack, sd15.transport, model=sd15.model, strength=1.0)
@@ -795,13 +812,226 @@ def test_llm_node_steers_a_local_model_and_rejects_foreign_transports(pack):
     continuation = act.generate(model, tokenizer, ["The sea is"], sampling)[0]
     assert plain_text == "The sea is" + continuation  # chat off: the prompt and its continuation
     assert transport.sites and all("self_attn.o_proj" in site for site in transport.sites)
+    detox = act.text.goals.goal("detox")  # the node fits the library's measured default
+    assert (detox.method, detox.support) == ("mean", "range")
+    assert (transport.method, transport.support) == (detox.method, detox.support)
     output = run(strength=1.0)
     assert output.result[1] is transport  # fitted once, reused when only the strength changes
     assert output.result[0] != plain_text
     assert output.ui.as_dict()["text"] == (output.result[0],)
     concept = run(goal="concept: ocean (built-in sentences)").result[1]
-    assert concept is not transport and concept.support == "all"
+    assert concept is not transport and (concept.method, concept.support) == ("linear", "all")
     with pytest.raises(ValueError, match="source_sentences is empty"):
         run(goal=llm.CUSTOM)
     with pytest.raises(Exception, match=r"shape"):
         run(model="wider-llama", transport=transport)
+
+
+def test_strength_clip_zero_leaves_the_conditioning_alone_while_the_model_is_steered(pack, sd15):
+    samples = _collect(pack, sd15.model, sd15.clip, where="both", batch_size=6)
+    transport = _fit(pack, samples)
+    assert transport.component("clip") is not None
+    assert transport.component("diffusion_model") is not None
+    tokens = sd15.clip.tokenize("a photo of a cat")
+    plain = sd15.clip.encode_from_tokens(tokens)
+    model, clip = _apply(pack, transport, sd15.model, sd15.clip, strength=1.0, strength_clip=0.0)
+    assert torch.equal(clip.encode_from_tokens(tokens), plain)
+    assert not torch.allclose(
+        sample(model, *sd15.conds), sample(sd15.model, *sd15.conds), atol=1e-4
+    )
+    _, steered_clip = _apply(pack, transport, None, sd15.clip, strength_clip=1.0)
+    assert not torch.allclose(steered_clip.encode_from_tokens(tokens), plain, atol=1e-4)
+
+
+def test_a_model_sampling_node_after_apply_does_not_move_the_window(pack, sd15):
+    """The window is converted to sigmas by the model_sampling in effect when sampling runs:
+    Apply then ModelSamplingSD3 steers the same steps as ModelSamplingSD3 then Apply."""
+    import comfy.samplers
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    def shifted(model):
+        return ModelSamplingSD3().patch(model, shift=3.0)[0]
+
+    steps, end = 6, 0.5
+    original = sd15.model.get_model_object("model_sampling")
+    final = shifted(sd15.model).get_model_object("model_sampling")
+    schedule = comfy.samplers.calculate_sigmas(final, "normal", steps)[:-1]
+
+    def steered_steps(sampling) -> list[int]:
+        bound = sampling.percent_to_sigma(end)
+        return [i for i, sigma in enumerate(schedule.tolist()) if sigma >= bound]
+
+    # converted at Apply time (the original sampling), the window would hold other steps
+    assert steered_steps(final) != steered_steps(original)
+    (before, _) = _apply(pack, sd15.transport, model=shifted(sd15.model), end=end)
+    (applied, _) = _apply(pack, sd15.transport, model=sd15.model, end=end)
+    after = shifted(applied)
+    expected = sample(before, *sd15.conds, steps=steps)
+    assert torch.equal(sample(after, *sd15.conds, steps=steps), expected)
+    (whole, _) = _apply(pack, sd15.transport, model=sd15.model, end=1.0)
+    assert not torch.equal(sample(shifted(whole), *sd15.conds, steps=steps), expected)
+    assert not torch.equal(sample(shifted(sd15.model), *sd15.conds, steps=steps), expected)
+
+
+def _site_changes(patcher, sites: list[str], conds, **options) -> dict[str, tuple]:
+    """Per diffusion-model site, in the first denoising call of a sampling: (the module's own
+    output, the output after steering)."""
+    import comfy.patcher_extension
+
+    root = patcher.model.diffusion_model
+    names = {site: site.removeprefix("diffusion_model.").rpartition(":") for site in sites}
+    raw, final = {}, {}
+
+    def recorder(store: dict, site: str):
+        _, colon, index = names[site]
+
+        def record(module, args, output) -> None:
+            tensor = output[int(index)] if colon else output
+            store.setdefault(site, tensor.detach().clone())
+
+        return record
+
+    def module_of(model, site):
+        name, colon, index = names[site]
+        return model.get_submodule(name if colon else index)
+
+    handles = [module_of(root, site).register_forward_hook(recorder(raw, site)) for site in sites]
+
+    def after_steering(executor, *args, **kwargs):  # runs inside AcT Apply's wrapper
+        model = executor.class_obj.diffusion_model
+        inner = [
+            module_of(model, site).register_forward_hook(recorder(final, site)) for site in sites
+        ]
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            for handle in inner:
+                handle.remove()
+
+    recorded = patcher.clone()
+    recorded.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_record", after_steering
+    )
+    try:
+        sample(recorded, *conds, steps=1, **options)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {site: (raw[site], final[site]) for site in sites}
+
+
+@pytest.fixture(scope="module")
+def moved_sites(pack, sd15) -> list[str]:
+    """The sites of the SD1.5 transport that steering changes (those before the first
+    cross-attention see no prompt, so their maps are the identity)."""
+    steered = _apply(pack, sd15.transport, model=sd15.model)[0]
+    changes = _site_changes(steered, sd15.transport.sites, sd15.conds)
+    return [site for site, (raw, moved) in changes.items() if not torch.equal(raw, moved)]
+
+
+def test_a_zero_block_weight_leaves_its_group_alone(pack, sd15, moved_sites):
+    steered = _apply(pack, sd15.transport, model=sd15.model, block_weights="1, 0, 0.5")[0]
+    changes = _site_changes(steered, sd15.transport.sites, sd15.conds)
+    groups = {"input_blocks": [], "middle_block": [], "output_blocks": []}
+    for site in moved_sites:
+        head = site.split(".")[1]
+        groups["output_blocks" if head == "out" else head].append(site)
+    assert all(groups.values())
+    for site in sd15.transport.sites:
+        if ".middle_block." in site:
+            assert torch.equal(*changes[site]), site
+    for site in groups["input_blocks"] + groups["output_blocks"]:
+        assert not torch.equal(*changes[site]), site
+
+
+def test_a_half_block_weight_is_half_the_strength(pack, sd15, moved_sites):
+    site = next(site for site in moved_sites if ".input_blocks." in site)
+    half = _apply(pack, sd15.transport, model=sd15.model, block_weights="0.5, 1, 1")[0]
+    full = _apply(pack, sd15.transport, model=sd15.model, strength=0.5)[0]
+    (raw, moved) = _site_changes(half, [site], sd15.conds)[site]
+    (_, expected) = _site_changes(full, [site], sd15.conds)[site]
+    assert torch.equal(moved, expected) and not torch.equal(raw, moved)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("1, 0.5", "2 values .* for 3 block groups .*input, middle, output"), ("1, x, 1", "'x'")],
+)
+def test_block_weights_that_do_not_fit_are_refused(pack, sd15, text, message):
+    with pytest.raises(Exception, match=message):
+        _apply(pack, sd15.transport, model=sd15.model, block_weights=text)
+
+
+def _expected_weight(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """The mask at a site's layout: channel maps (B, C, H, W), or square token grids."""
+    import torch.nn.functional as F
+
+    if tensor.ndim == 4:
+        return F.interpolate(mask[:, None], size=tensor.shape[-2:], mode="area")
+    side = int(tensor.shape[1] ** 0.5)
+    assert side * side == tensor.shape[1]
+    grid = F.interpolate(mask[:, None], size=(side, side), mode="area")
+    return grid.flatten(2).transpose(1, 2)
+
+
+def test_a_mask_steers_only_inside_it(pack, sd15, moved_sites):
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 8:40, 4:30] = 1.0
+    steered = _apply(pack, sd15.transport, model=sd15.model, mask=mask)[0]
+    changes = _site_changes(steered, sd15.transport.sites, sd15.conds)
+    assert len(moved_sites) > 10
+    for site, (raw, moved) in changes.items():
+        inside = (_expected_weight(mask, raw) > 0).expand_as(raw)
+        assert inside.any() and not inside.all(), site
+        assert torch.equal(raw[~inside], moved[~inside]), site
+        assert torch.equal(raw[inside], moved[inside]) == (site not in moved_sites), site
+
+
+def test_a_mask_on_a_flux_steers_image_tokens_inside_it_only(pack):
+    flux, clip = tiny_model("flux"), tiny_clip()
+    transport = _fit(pack, _collect(pack, flux, clip, batch_size=2))
+    conds = encode(clip, "a photo of a cat", guidance=3.5), encode(clip, "", guidance=3.5)
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :4, :] = 1.0  # the upper half
+    steered = _apply(pack, transport, model=flux, mask=mask)[0]
+    changes = _site_changes(steered, transport.sites, conds, cfg=1.0, size=8)
+    image = [site for site in transport.sites if site.endswith(":0")]
+    assert image
+    for site in image:  # 4 x 4 tokens of 2 x 2 patches: the first 8 are the upper half
+        raw, moved = changes[site]
+        assert torch.equal(raw[:, 8:], moved[:, 8:]) and not torch.equal(raw[:, :8], moved[:, :8])
+    for site in transport.sites:
+        if site.endswith(":1"):  # the text stream has no place in the picture: left alone
+            assert torch.equal(*changes[site]), site
+
+
+def test_a_mask_on_a_layer_of_unknown_layout_is_refused(pack, sd15):
+    samples = _collect(
+        pack, sd15.model, sd15.clip, layers="custom regex", layer_regex=r"time_embed\.2"
+    )
+    transport = _fit(pack, samples)
+    steered = _apply(pack, transport, model=sd15.model, mask=torch.ones(1, 8, 8))[0]
+    with pytest.raises(Exception, match=r"mask: cannot tell .*time_embed\.2"):
+        sample(steered, *sd15.conds)
+
+
+def test_apply_labels_the_strengths_it_used(pack, sd15):
+    from dataclasses import replace
+
+    transport = replace(sd15.transport, info={**sd15.transport.info, "description": "watercolor"})
+    label = _apply_output(pack, transport, model=sd15.model, strength=0.5).result[2]
+    assert label == "strength 0.5 (watercolor)"
+    off = _apply_output(pack, transport, model=sd15.model, strength=0.0).result[2]
+    assert off == "strength 0 (off)"
+    weighted = _apply_output(pack, transport, model=sd15.model, block_weights="1 0 1")
+    assert weighted.result[2] == "strength 1, blocks 1, 0, 1 (watercolor)"
+    assert "input 1, middle 0, output 1" in weighted.ui.as_dict()["text"][0]
+
+
+def test_block_weights_and_a_mask_without_a_steered_model_are_reported_ignored(pack, sd15):
+    text = _fit(pack, _collect(pack, None, sd15.clip, where="text encoder"))
+    output = _apply_output(
+        pack, text, clip=sd15.clip, block_weights="1, 1, 1", mask=torch.ones(1, 8, 8)
+    )
+    assert "block_weights and mask ignored" in output.ui.as_dict()["text"][0]
+    assert output.result[2] == "strength 1"

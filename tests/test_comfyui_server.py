@@ -118,20 +118,25 @@ def test_object_info_inputs_types_and_defaults(object_info):
             "width": ("INT", 512),
             "steps": ("INT", 1),
             "causal": ("BOOLEAN", False),
+            "support": ("COMBO", "all"),  # causal only; as Fit Transport's, which must match
+            "cache": ("COMBO", "use"),
         },
         "AcTFitTransport": {
             "samples": ("ACT_SAMPLES", None),
             "method": ("COMBO", "linear"),
-            "support": ("COMBO", "range"),
+            "support": ("COMBO", "all"),
         },
         "AcTApply": {
             "transport": ("ACT_TRANSPORT", None),
             "model": ("MODEL", None),
             "clip": ("CLIP", None),
-            "strength": ("FLOAT", 1.0),
+            "strength_model": ("FLOAT", 1.0),
+            "strength_clip": ("FLOAT", 1.0),
             "start_percent": ("FLOAT", 0.0),
             "end_percent": ("FLOAT", 1.0),
             "apply_to": ("COMBO", "positive only"),
+            "block_weights": ("STRING", ""),
+            "mask": ("MASK", None),
         },
         "AcTBake": {"transport": ("ACT_TRANSPORT", None), "strength": ("FLOAT", 1.0)},
         "AcTSaveTransport": {
@@ -155,8 +160,10 @@ def test_object_info_inputs_types_and_defaults(object_info):
         "linear",
         "mean",
     }
-    strength = _input(object_info["AcTApply"], "strength")[1]
-    assert (strength["min"], strength["max"]) == (-2.0, 3.0)
+    for name in ("strength_model", "strength_clip"):
+        strength = _input(object_info["AcTApply"], name)[1]
+        assert (strength["min"], strength["max"]) == (-2.0, 3.0)
+    assert _input(object_info["AcTApply"], "block_weights")[1]["advanced"] is True
     assert object_info["AcTSaveTransport"]["output_node"] is True
 
 
@@ -164,7 +171,7 @@ def test_custom_socket_types(object_info):
     assert object_info["AcTCollectActivations"]["output"] == ["ACT_SAMPLES"]
     assert object_info["AcTFitTransport"]["output"] == ["ACT_TRANSPORT"]
     assert object_info["AcTLoadTransport"]["output"] == ["ACT_TRANSPORT"]
-    assert object_info["AcTApply"]["output"] == ["MODEL", "CLIP"]
+    assert object_info["AcTApply"]["output"] == ["MODEL", "CLIP", "STRING"]
 
 
 def test_every_input_has_a_tooltip(object_info):
@@ -176,6 +183,24 @@ def test_every_input_has_a_tooltip(object_info):
         if not _input(object_info[node], name)[1].get("tooltip")
     ]
     assert not missing, f"inputs without a tooltip: {missing}"
+
+
+COMMON_ALIASES = {"act", "activation transport", "steer", "style", "negation"}
+
+
+def test_every_node_is_found_by_the_common_search_words(object_info):
+    for node in pack_node_ids():
+        aliases = set(object_info[node].get("search_aliases") or [])
+        assert aliases >= COMMON_ALIASES, (node, sorted(aliases))
+
+
+def test_every_output_has_a_tooltip_and_every_display_name_starts_with_act(object_info):
+    for node in pack_node_ids():
+        info = object_info[node]
+        assert info["display_name"].startswith("AcT "), node
+        tooltips = info.get("output_tooltips") or []
+        assert len(tooltips) == len(info["output"]) and all(tooltips), (node, tooltips)
+    assert object_info["AcTApply"]["display_name"] == "AcT Apply"
 
 
 def node(class_type: str, **inputs: Any) -> dict[str, Any]:
@@ -210,9 +235,16 @@ def sampling(model: list, first_id: int, prefix: str) -> dict[str, Any]:
 
 
 def apply_node(transport: list, strength: float = 1.0, **overrides: Any) -> dict[str, Any]:
-    """Apply AcT on node 1's MODEL, over the whole schedule, both CFG branches."""
+    """AcT Apply on node 1's MODEL, over the whole schedule, both CFG branches."""
     inputs = {"start_percent": 0.0, "end_percent": 1.0, "apply_to": "both branches", **overrides}
-    return node("AcTApply", transport=transport, model=["1", 0], strength=strength, **inputs)
+    return node(
+        "AcTApply",
+        transport=transport,
+        model=["1", 0],
+        strength_model=strength,
+        strength_clip=strength,
+        **inputs,
+    )
 
 
 def fit_workflow() -> dict[str, Any]:
@@ -277,12 +309,14 @@ def test_collect_fit_apply_sample_save_through_the_api(server, fitted):
     (steered,) = server.output_files(fitted["outputs"], "15")
     (plain,) = server.output_files(fitted["outputs"], "25")
     assert steered.read_bytes().startswith(b"\x89PNG")
-    assert _pixels(steered) != _pixels(plain)  # Apply AcT changed the image
+    assert _pixels(steered) != _pixels(plain)  # AcT Apply changed the image
     saved = server.base / "models" / "act" / f"{TRANSPORT_FILE}.safetensors"
     assert saved.is_file()
     assert f"saved {saved.name}" in fitted["outputs"]["4"]["text"][0]
     options = _input(server.object_info("AcTLoadTransport"), "transport_name")[1]["options"]
     assert saved.name in options  # the combo re-reads models/act
+    # tests/conftest.py's cap of 0 reached the server: the collection cache kept nothing
+    assert not list((server.base / "models" / "act").rglob("*.samples"))
 
 
 def test_load_transport_apply_sample_through_the_api(server, fitted):
@@ -294,11 +328,14 @@ def test_load_transport_apply_sample_through_the_api(server, fitted):
 
 
 def test_an_invalid_prompt_is_refused_with_node_errors_naming_the_input(server, fitted):
-    with pytest.raises(PromptError, match="strength") as refused:
+    with pytest.raises(PromptError, match="strength_model") as refused:
         server.queue(load_workflow(strength=5.0))
-    (error,) = refused.value.node_errors["5"]["errors"]
-    assert error["type"] == "value_bigger_than_max"
-    assert error["extra_info"]["input_name"] == "strength"
+    errors = refused.value.node_errors["5"]["errors"]
+    assert {error["type"] for error in errors} == {"value_bigger_than_max"}
+    assert {error["extra_info"]["input_name"] for error in errors} == {
+        "strength_model",
+        "strength_clip",
+    }
     with pytest.raises(PromptError, match="start_percent") as refused:
         server.queue(load_workflow(start_percent=0.8, end_percent=0.2))
     assert refused.value.node_errors["5"]["class_type"] == "AcTApply"

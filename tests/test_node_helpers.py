@@ -213,3 +213,54 @@ def test_auto_skips_vision_towers_and_attention_norms(helpers):
     encoder.layer.q_norm = nn.RMSNorm(4)
     assert helpers.presets.resolve_layers(encoder, "auto", "") == ["layer.input_layernorm"]
     assert "visual.norm" in helpers.presets.resolve_layers(encoder, "all norm layers", "")
+
+
+def _blocks(**lists: int) -> nn.Module:
+    """A module with ModuleLists of Identity blocks, e.g. `_blocks(joint_blocks=5)`."""
+    model = nn.Module()
+    for name, count in lists.items():
+        setattr(model, name, nn.ModuleList(nn.Identity() for _ in range(count)))
+    return model
+
+
+def test_block_groups_follow_the_familys_block_lists():
+    load_pack()
+    blocks = importlib.import_module(f"{PACK}.nodes.block_weights")
+    unet = _blocks(input_blocks=3, output_blocks=3)
+    unet.middle_block = nn.Identity()
+    groups = blocks.block_groups(unet)
+    assert [group.name for group in groups] == ["input", "middle", "output"]
+    sites = ["input_blocks.1.1.norm", "middle_block.1.norm", "output_blocks.0.0", "out.0"]
+    weights = blocks.site_weights(sites, groups, blocks.parse_block_weights("1 0 0.5", groups))
+    assert list(weights.values()) == [1.0, 0.0, 0.5, 0.5]
+    flux = blocks.block_groups(_blocks(double_blocks=2, single_blocks=4))
+    assert [group.name for group in flux] == ["double_blocks", "single_blocks"]
+    assert flux[1].holds("single_blocks.3") and not flux[1].holds("double_blocks.0:1")
+    sd3 = blocks.block_groups(_blocks(joint_blocks=5))
+    assert [group.holds("joint_blocks.2:1") for group in sd3] == [True, False]
+    assert [group.holds("joint_blocks.3:0") for group in sd3] == [False, True]
+    assert blocks.site_weights(["x.0"], sd3, None) == {"x.0": 1.0}
+    with pytest.raises(ValueError, match="no block list"):
+        blocks.block_groups(_blocks(stages=2))
+    with pytest.raises(ValueError, match=r"3 values .* for 2 block groups"):
+        blocks.parse_block_weights("1, 1, 1", flux)
+    with pytest.raises(ValueError, match="'nan' is not a number"):
+        blocks.parse_block_weights("1, nan", flux)
+    assert blocks.parse_block_weights("  ", flux) is None
+
+
+def test_mask_layouts_of_unets_and_dits():
+    load_pack()
+    masking = importlib.import_module(f"{PACK}.nodes.masking")
+    unet = nn.Module()
+    unet.input_blocks = nn.ModuleList()
+    latent = torch.zeros(1, 4, 15, 10)
+    layout = masking.TokenLayout.of_call(unet, latent, torch.zeros(1, 77, 8))
+    assert layout.grid(150) == (1, 15, 10) and layout.grid(40) == (1, 8, 5)
+    assert layout.text_tokens == 77 and layout.grid(77) is None
+    dit = nn.Module()
+    dit.patch_size = (1, 2, 2)
+    video = masking.TokenLayout.of_call(dit, torch.zeros(1, 16, 3, 8, 6), None)
+    assert video.grids == ((3, 4, 3),)
+    with pytest.raises(ValueError, match="MASK of shape"):
+        masking.as_mask(torch.zeros(2, 3, 4, 5))

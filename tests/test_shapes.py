@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import act
 from bench.shapes import steering
 from bench.shapes.captions import COLOUR_WORDS, caption, training_caption, vocabulary
 from bench.shapes.fidelity import generate, heldout, score
 from bench.shapes.model import MODEL_DIR, build_tokenizer, load_pipeline
-from bench.shapes.scorers import colour_share, detect_objects, validate
+from bench.shapes.scorers import detect_objects, validate
 from bench.shapes.world import COLOURS, render, sample_records
 
 
@@ -30,6 +29,18 @@ def test_scorers_see_a_recoloured_or_removed_object():
     shape = record.objects[0].shape
     assert {d.colour for d in detect_objects(render(record.recoloured("red")))} == {"red"}
     assert shape not in {d.shape for d in detect_objects(render(record.without(shape)))}
+
+
+def test_style_fitting_captions_are_paired_and_of_the_evaluations_kind():
+    source, target = steering.style_fit_prompts(64)
+    for plain, red in zip(source, target, strict=True):
+        words, red_words = plain.split(), red.split()
+        assert len(words) == len(red_words)
+        changed = {(a, b) for a, b in zip(words, red_words, strict=True) if a != b}
+        assert changed and {b for _, b in changed} <= {"red", "a"}, (plain, red)  # "an orange"
+    report = {prompt for _, prompt in steering.style_eval_prompts(64)}
+    tuning = {prompt for _, prompt in steering.style_eval_prompts(64, prompts="tuning")}
+    assert len(report & tuning) < 4  # other scenes; only short captions can coincide
 
 
 def test_paired_captions_differ_only_in_the_colour_words():
@@ -79,42 +90,38 @@ def test_trained_model_draws_what_its_captions_say(pipe):
     assert min(report["objects found"].values()) >= 0.7, report
 
 
-def _fit(pipe, source, target, support, causal=False):
-    return act.fit_pipeline(
-        pipe, source, target, where="both", support=support, causal=causal, batch_size=64,
-        progress=False, guidance_scale=steering.GUIDANCE, num_inference_steps=steering.STEPS,
-    )  # fmt: skip
-
-
-def test_style_transport_turns_objects_red(pipe):
-    source, target = steering.style_fit_prompts(128)
-    held_out = steering.style_eval_prompts(24, exclude={*source, *target})
-    prompts = [prompt for _, prompt in held_out]
-    transport = _fit(pipe, source, target, "all", causal=True)  # the strongest (README)
+def _run(pipe, task: str, strengths: tuple[float, ...]) -> list[dict]:
+    """The task's default configuration on 24 reported held-out captions, fitted from 128 + 128
+    paired captions: [ceiling, λ = 0, strengths...] rows of scores."""
+    spec = steering.TASKS[task]
+    source, target = spec.fit_prompts(128)
+    held_out = spec.eval_prompts(24, exclude={*source, *target})
+    records, prompts = map(list, zip(*held_out, strict=True))
+    transport = steering.fit(pipe, spec.default, source, target, {})
     plain = generate(pipe, prompts)
-    with act.steer(pipe, transport, strength=0.0):
-        assert np.array_equal(generate(pipe, prompts), plain)
-    with act.steer(pipe, transport, strength=1.0):
-        steered = generate(pipe, prompts)
+    with steering.steered(pipe, transport, spec.default, 0.0):
+        assert np.array_equal(generate(pipe, prompts), plain)  # λ = 0 is bit-identical
+    rows = [steering.ceiling(pipe, task, records), spec.scores(plain, records)]
+    for strength in strengths:
+        with steering.steered(pipe, transport, spec.default, strength):
+            rows.append(spec.scores(generate(pipe, prompts), records))
     assert np.array_equal(generate(pipe, prompts), plain)  # nothing left patched
-    before, after = colour_share(plain, "red"), colour_share(steered, "red")
-    print(before, after)
-    assert before <= 0.1 and after >= before + 0.3, (before, after)
+    print(task, rows)
+    return rows
+
+
+def test_style_transport_turns_objects_red_and_keeps_shapes(pipe):
+    ceiling, plain, half, full = _run(pipe, "style", (0.5, 1.0))
+    assert ceiling["styled"] >= 0.8 and plain["styled"] <= 0.1, (ceiling, plain)
+    assert half["styled"] >= 0.25 and half["shapes kept"] >= 0.8 * ceiling["shapes kept"]
+    assert full["styled"] >= 0.8, full
 
 
 def test_negation_transport_removes_triangles(pipe):
-    source, target = steering.negation_fit_prompts(128)
-    held_out = steering.negation_eval_prompts(24, exclude={*source, *target})
-    records, prompts = map(list, zip(*held_out, strict=True))
-    transport = _fit(pipe, source, target, "all")  # the strongest (README)
-    before = steering.negation_scores(generate(pipe, prompts), records)
-    with act.steer(pipe, transport, strength=1.0):
-        after = steering.negation_scores(generate(pipe, prompts), records)
-    print(before, after)
-    assert before["present"] >= 0.7 and after["present"] <= before["present"] - 0.4, (
-        before,
-        after,
-    )
+    ceiling, plain, half, full = _run(pipe, "negation", (0.25, 0.5))
+    assert ceiling["present"] <= 0.1 and plain["present"] >= 0.7, (ceiling, plain)
+    assert half["present"] <= plain["present"] - 0.2, half
+    assert full["present"] <= 0.25, full
 
 
 def test_pipeline_loads_with_plain_diffusers():

@@ -227,9 +227,39 @@ def test_the_check_finds_links_between_mismatched_types(schemas):
     (apply,) = nodes_of(workflow, "AcTApply")
     (checkpoint,) = nodes_of(workflow, "CheckpointLoaderSimple")
     link = next(link for link in workflow["links"] if link[1:4:2] == [fit["id"], apply["id"]])
-    # feed Apply AcT's transport input from the checkpoint's MODEL output
+    # feed AcT Apply's transport input from the checkpoint's MODEL output
     link[1], link[2], link[5] = checkpoint["id"], 0, "MODEL"
     checkpoint["outputs"][0]["links"].append(link[0])
     fit["outputs"][0]["links"].remove(link[0])
     problems = check_workflow(workflow, schemas)
     assert any("MODEL cannot feed transport" in problem for problem in problems), problems
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_every_template_has_a_thumbnail_of_its_screenshot(name):
+    """ComfyUI's front end shows <name>.jpg beside <name>.json as the template's picture
+    (made by tests/make_thumbnails.py from docs/screenshots/<name>.png)."""
+    from PIL import Image
+
+    thumbnail = PATHS[name].with_suffix(".jpg")
+    screenshot = PATHS[name].parents[1] / "docs" / "screenshots" / f"{name}.png"
+    with Image.open(thumbnail) as small, Image.open(screenshot) as large:
+        assert small.format == "JPEG"
+        assert abs(small.height / small.width - large.height / large.width) < 0.01
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_grid_labels_come_from_the_strengths_used(name, schemas):
+    """No typed label names a strength (it would go stale when the strength changes): the
+    labels of steered images come from the Strength Sweep or the AcT Apply node that made
+    them."""
+    prompt = to_api(load_json(PATHS[name]), schemas)
+    for node in prompt.values():
+        if node["class_type"] != "AcTLabelledGrid":
+            continue
+        labels, more = node["inputs"]["labels"], node["inputs"].get("more_labels")
+        if isinstance(labels, list):
+            assert prompt[labels[0]]["class_type"] == "AcTStrengthSweep" and labels[1] == 1
+        else:
+            assert not re.search(r"strength|\d", labels), labels
+            assert more is not None and prompt[more[0]]["class_type"] == "AcTApply"

@@ -155,6 +155,9 @@ def test_comfyui_serves_the_workflows_as_the_packs_templates(server):
     for name, path in WORKFLOWS.items():
         served = server.request(f"/api/workflow_templates/{PACK_FOLDER}/{path.name}")
         assert served == load_json(path), name
+        # the front end shows <name>.jpg as the template's thumbnail
+        thumbnail = server.request_bytes(f"/api/workflow_templates/{PACK_FOLDER}/{name}.jpg")
+        assert thumbnail == path.with_suffix(".jpg").read_bytes(), name
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
@@ -220,12 +223,31 @@ def runs(server: ComfyServer, object_info: dict[str, Any]) -> Runs:
 
 def expected_grid_width(prompt: dict[str, Any], grid: dict[str, Any]) -> int:
     """The width of a Labelled Grid's picture in one row: one column per image, whose count
-    is the number of labels given, or the number of strengths of the sweep it is fed by."""
+    is the number of labels given (typed lines, or the strengths of the sweep they come from)
+    plus the one label of the AcT Apply node feeding more_labels."""
     labels = grid["inputs"]["labels"]
     if isinstance(labels, str):
-        return TEST_PIXELS * len(labels.splitlines())
-    sweep = prompt[labels[0]]["inputs"]
-    return TEST_PIXELS * len(sweep["strengths"].split(","))
+        count = len(labels.splitlines())
+    else:
+        count = len(prompt[labels[0]]["inputs"]["strengths"].split(","))
+    more = grid["inputs"].get("more_labels")
+    if more is not None:
+        assert prompt[more[0]]["class_type"] == "AcTApply" and more[1] == 2
+        count += 1
+    return TEST_PIXELS * count
+
+
+def test_the_labels_follow_the_strength_actually_used(runs, server, object_info):
+    """style_sd15 at strength 0.5: the grid's label comes from AcT Apply, which says 0.5."""
+    prompt = shrunk(to_api(load_json(WORKFLOWS["style_sd15"]), object_info))
+    (apply_id,) = [key for key, node in prompt.items() if node["class_type"] == "AcTApply"]
+    (grid,) = [node for node in prompt.values() if node["class_type"] == "AcTLabelledGrid"]
+    assert grid["inputs"]["more_labels"] == [apply_id, 2]
+    assert "strength" not in grid["inputs"]["labels"]  # nothing typed can go stale
+    prompt[apply_id]["inputs"]["strength_model"] = 0.5
+    result = server.wait(server.queue(prompt), timeout=300)
+    (text,) = result["outputs"][apply_id]["text"]
+    assert text.startswith("strength 0.5 (watercolor style, SD1.5);"), text
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))

@@ -52,6 +52,7 @@ SETTINGS = {
     "Comfy.Minimap.Visible": False,  # the minimap would cover part of the graph
 }
 FOLDERS = {"ckpt_name": "checkpoints", "transport_name": "act", "model": "LLM"}
+TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
 WORKFLOWS = {path.stem: path for path in workflow_paths()}
 
 
@@ -105,6 +106,38 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", header[16:24])
 
 
+def layout_problems(workflow: dict[str, Any]) -> list[str]:
+    """Nodes that overlap another (title bars included) or straddle a group's border, at the
+    positions and sizes the front end gave them."""
+
+    def box(node: dict[str, Any]) -> tuple[float, float, float, float]:
+        (x, y), (width, height) = node["pos"], node["size"]
+        return x, y - TITLE_HEIGHT, x + width, y + height
+
+    def name(node: dict[str, Any]) -> str:
+        return f"{node['id']} ({node.get('title') or node['type']})"
+
+    def overlap(a: tuple, b: tuple) -> bool:
+        return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+    nodes = workflow["nodes"]
+    problems = [
+        f"{name(first)} overlaps {name(second)}"
+        for index, first in enumerate(nodes)
+        for second in nodes[index + 1 :]
+        if overlap(box(first), box(second))
+    ]
+    for group in workflow.get("groups") or []:
+        x, y, width, height = group["bounding"]
+        area = (x, y, x + width, y + height)
+        for node in nodes:
+            left, top, right, bottom = box(node)
+            inside = area[0] <= left and area[1] <= top and right <= area[2] and bottom <= area[3]
+            if overlap(box(node), area) and not inside:
+                problems.append(f"{name(node)} sticks out of the group {group['title']!r}")
+    return problems
+
+
 def links_and_values(workflow: dict[str, Any]) -> tuple[list, dict]:
     """What a saved workflow means: its links, and every node's type and widget values."""
     nodes = {node["id"]: (node["type"], node.get("widgets_values")) for node in workflow["nodes"]}
@@ -126,6 +159,7 @@ def test_workflow_loads_in_the_front_end_without_warnings(name, front_end, scree
     }
     assert queued == to_api(workflow, server.object_info())
     assert links_and_values(report["saved"]) == links_and_values(workflow)
+    assert layout_problems(report["saved"]) == []
     scale = fit_view(browser)
     shot = browser.screenshot(screenshots / f"{name}.png")
     print(f"\n{name}: loaded and photographed in {time.perf_counter() - start:.1f} s "
