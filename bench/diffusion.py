@@ -184,7 +184,12 @@ def main() -> None:
         for side in ("source", "target")
     )
     samples = Samples(
-        source_rows, target_rows, first.model_class, first.module_params, info=first.info
+        source_rows,
+        target_rows,
+        first.model_class,
+        first.module_params,
+        info=first.info,
+        pooling=first.pooling,
     )
     pooled = sum(t.numel() * 4 for side in (samples.source, samples.target) for t in side.values())
     print(
@@ -195,7 +200,8 @@ def main() -> None:
     )
     print(
         f"peak memory (max RSS): {plain_rss:.2f} GB after plain denoiser calls, "
-        f"{max_rss_gb():.2f} GB after collection; pooled samples {pooled / 2**20:.1f} MB"
+        f"{max_rss_gb():.2f} GB after collection; samples ({samples.pooling.kind}) "
+        f"{pooled / 2**20:.1f} MB"
     )
     tick = time.perf_counter()
     ranged = samples.fit("linear", "range")
@@ -223,12 +229,7 @@ def main() -> None:
     ratio = paired_ratio(plain, steered(steps=(0.0, 0.5), cond_only=True), args.pairs)
     print(f"  steered with steps=(0, 0.5) and cond_only (this step inside): {ratio:.3f}")
     layer_norms = [s for s in samples.sites if ".transformer_blocks." in s]
-    exact = Samples(
-        {s: samples.source[s] for s in layer_norms},
-        {s: samples.target[s] for s in layer_norms},
-        samples.model_class,
-        {s: samples.module_params[s] for s in layer_norms},
-    ).fit("linear", "all")
+    exact = samples.fit("linear", "all").subset(layer_norms)
     root = pipeline_root(pipe, ["unet"])
 
     def baked() -> None:
