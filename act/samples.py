@@ -77,6 +77,18 @@ class Samples:
             f"{' (per token)' if self.pooling.per_token else ''}{kind}"
         )
 
+    def repeat_each(self, sites: list[str], times: int) -> None:
+        """Repeat every sample of `sites` `times` times in a row, on both sides.
+
+        With several recorded denoising steps, a text encoder gives one sample per prompt
+        while the denoiser gives one per (prompt, step); the fit needs equal counts, and a
+        repeated sample leaves a module's empirical distribution, hence its map, unchanged.
+        **Mutates** these samples.
+        """
+        for side in (self.source, self.target):
+            for site in sites:
+                side[site] = side[site].repeat_interleave(times, dim=0)
+
     def fit(
         self,
         method: str = "linear",

@@ -15,6 +15,7 @@ from comfy_api.latest import io, ui
 from ..act import ActError, ModulesNeverRanError, collect
 from ..act.maps import METHODS
 from ..act.recording import DEFAULT_MAX_TOKENS
+from . import text_encoder
 from .cache import MODES, SampleCache, cache_folder, cache_key, size_limit
 from .collection import (
     WHERE,
@@ -23,7 +24,6 @@ from .collection import (
     collection_root,
     describe_models,
     never_ran_error,
-    one_sample_per_step,
 )
 from .identity import clip_identity, model_identity
 from .presets import LAYER_CHOICES
@@ -289,7 +289,8 @@ class CollectActivations(io.ComfyNode):
         except ModulesNeverRanError as error:
             raise never_ran_error(error, root, models, layers) from None
         if where == "both" and steps > 1 and not causal and not samples.pooling.per_token:
-            one_sample_per_step(samples, steps)
+            prefix = f"{text_encoder.PREFIX}."
+            samples.repeat_each([s for s in samples.sites if s.startswith(prefix)], steps)
         samples.model_class = models
         seconds = time.perf_counter() - start
         note = "" if store is None else _store(store, key, samples)

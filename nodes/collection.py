@@ -24,7 +24,7 @@ import comfy.model_management
 import torch
 from torch import nn
 
-from ..act import ActError, Batch, ModulesNeverRanError, Samples
+from ..act import ActError, Batch, ModulesNeverRanError
 from . import diffusion_model, text_encoder
 from .presets import resolve_layers, suggested_regex
 
@@ -170,19 +170,6 @@ def collection_batches(
             batches.append(Batch(batch.run, label, select=batch.select))
             first += len(chunk)
     return batches
-
-
-def one_sample_per_step(samples: Samples, steps: int) -> None:
-    """Repeat each text-encoder sample `steps` times, so that with "both" and one mean per
-    prompt every module has one sample per (prompt, recorded step), as the fit needs; a
-    repeated sample leaves a module's map unchanged.
-
-    **Mutates** `samples` (its text-encoder entries)."""
-    prefix = f"{text_encoder.PREFIX}."
-    for side in (samples.source, samples.target):
-        for site, values in side.items():
-            if site.startswith(prefix):
-                side[site] = values.repeat_interleave(steps, dim=0)
 
 
 def collection_latent(

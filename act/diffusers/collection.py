@@ -177,28 +177,12 @@ def collect_pipeline(
             info=info,
         )
     samples.model_class = type(pipe).__name__
-    if len(steps) > 1 and not samples.pooling.per_token:
-        _one_sample_per_step(samples, collector.denoiser)
+    if len(steps) > 1 and not samples.pooling.per_token and collector.denoiser in components:
+        prefix = f"{collector.denoiser}."
+        samples.repeat_each([s for s in samples.sites if not s.startswith(prefix)], len(steps))
     if samples.fitted is not None:
         samples.fitted.model_class = samples.model_class
     return samples
-
-
-def _one_sample_per_step(samples: Samples, denoiser: str) -> None:
-    """Repeat each text-encoder sample once per recorded denoising step, so that every module
-    has one sample per (prompt, step): the fit needs equal counts, and a repeated sample leaves
-    a module's empirical distribution, hence its map, unchanged.
-
-    **Mutates** `samples` (its text-encoder entries)."""
-    prefix = f"{denoiser}."
-    for side in (samples.source, samples.target):
-        denoiser_counts = {len(v) for site, v in side.items() if site.startswith(prefix)}
-        if len(denoiser_counts) != 1:
-            return
-        (count,) = denoiser_counts
-        for site, values in side.items():
-            if not site.startswith(prefix):
-                side[site] = values.repeat_interleave(count // len(values), dim=0)
 
 
 def fit_pipeline(
