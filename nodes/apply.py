@@ -99,6 +99,7 @@ class ApplyAcT(io.ComfyNode):
                 io.Float.Input(
                     "start_percent",
                     default=0.0,
+                    advanced=True,
                     min=0.0,
                     max=1.0,
                     step=0.01,
@@ -107,6 +108,7 @@ class ApplyAcT(io.ComfyNode):
                 io.Float.Input(
                     "end_percent",
                     default=1.0,
+                    advanced=True,
                     min=0.0,
                     max=1.0,
                     step=0.01,
@@ -116,6 +118,7 @@ class ApplyAcT(io.ComfyNode):
                     "apply_to",
                     options=APPLY_TO,
                     default=POSITIVE_ONLY,
+                    advanced=True,
                     tooltip=(
                         "Which CFG branches of the diffusion model to steer. positive only "
                         "(default): the conditional branch only; with CFG above 1 the guidance "

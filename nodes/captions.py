@@ -6,7 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..act import ActError
 from ..act.diffusers import captions as library
-from .types import CATEGORY, SEARCH_ALIASES
+from .types import CATEGORY, SEARCH_ALIASES, shown_when
 
 CUSTOM = "custom"
 SHOWN_PAIRS = 3
@@ -50,6 +50,7 @@ class StylePrompts(io.ComfyNode):
                     "custom_captions",
                     multiline=True,
                     default="",
+                    extra_dict=shown_when("caption_set", CUSTOM),
                     tooltip=(
                         "With caption set 'custom': one caption per line (blank lines and "
                         "lines starting with # are skipped). To remove a concept, every "

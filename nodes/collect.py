@@ -19,6 +19,7 @@ from . import text_encoder
 from .cache import MODES, SampleCache, cache_folder, cache_key, size_limit
 from .collection import (
     WHERE,
+    PromptProgress,
     check_connected,
     collection_batches,
     collection_root,
@@ -28,11 +29,16 @@ from .collection import (
 from .identity import clip_identity, model_identity
 from .presets import LAYER_CHOICES
 from .prompts import parse_prompts
-from .types import CATEGORY, FOLDER, SEARCH_ALIASES, Samples
+from .types import CATEGORY, FOLDER, SEARCH_ALIASES, Samples, shown_when
 
 SUPPORTS = ["range", "all", "q01", "q05", "q10"]
 POOLING_DEFAULT = "tokens"
 POOLINGS = ["tokens", "mean"]
+# the prompt boxes' first lines: skipped as comments, they say which box is which once filled
+SOURCE_LABEL = "# source: what AcT moves away from (e.g. plain captions), one prompt per line\n"
+TARGET_LABEL = (
+    "# target: what AcT moves towards (e.g. the same captions + a style), line for line\n"
+)
 
 
 def _sites_summary(sites: list[str], shown: int = 3) -> str:
@@ -71,20 +77,19 @@ class CollectActivations(io.ComfyNode):
                 ),
                 io.Clip.Input(
                     "clip",
-                    optional=True,
-                    tooltip="Text encoder: encodes the prompts, and is collected from for 'text encoder'.",
+                    tooltip="Text encoder: encodes the prompts (always needed), and is collected from for 'text encoder'.",
                 ),
                 io.String.Input(
                     "source_prompts",
                     multiline=True,
-                    default="",
-                    tooltip="What to move away from, one prompt per line (e.g. plain captions).",
+                    default=SOURCE_LABEL,
+                    tooltip="What to move away from, one prompt per line (e.g. plain captions); lines starting with # are notes, skipped.",
                 ),
                 io.String.Input(
                     "target_prompts",
                     multiline=True,
-                    default="",
-                    tooltip="What to move towards, one prompt per line (e.g. the same captions with a style).",
+                    default=TARGET_LABEL,
+                    tooltip="What to move towards, one prompt per line (e.g. the same captions with a style), line for line with the source; lines starting with # are skipped.",
                 ),
                 io.Combo.Input(
                     "where",
@@ -102,10 +107,12 @@ class CollectActivations(io.ComfyNode):
                     "layer_regex",
                     default="",
                     optional=True,
+                    extra_dict=shown_when("layers", "custom regex"),
                     tooltip="With 'custom regex': one full-match pattern per line over module names, ':N' for element N of a tuple output.",
                 ),
                 io.Int.Input(
                     "seed",
+                    advanced=True,
                     default=0,
                     min=0,
                     max=0xFFFFFFFFFFFFFFFF,
@@ -125,6 +132,7 @@ class CollectActivations(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "steps",
+                    advanced=True,
                     default=1,
                     min=1,
                     max=20,
@@ -132,6 +140,7 @@ class CollectActivations(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "batch_size",
+                    advanced=True,
                     default=4,
                     min=1,
                     max=64,
@@ -139,6 +148,7 @@ class CollectActivations(io.ComfyNode):
                 ),
                 io.Boolean.Input(
                     "causal",
+                    advanced=True,
                     default=False,
                     tooltip="Fit layer after layer while collecting, each on the output of the layers already fitted (the paper's incremental estimation). Method and support then have to match Fit Transport's.",
                 ),
@@ -146,12 +156,16 @@ class CollectActivations(io.ComfyNode):
                     "method",
                     options=list(METHODS),
                     default="linear",
+                    advanced=True,
+                    extra_dict=shown_when("causal", True),
                     tooltip="Causal only: the estimator used while collecting.",
                 ),
                 io.Combo.Input(
                     "support",
                     options=SUPPORTS,
                     default="all",
+                    advanced=True,
+                    extra_dict=shown_when("causal", True),
                     tooltip="Causal only: the support used while collecting (Fit Transport's default is all too; the two must match).",
                 ),
                 io.Int.Input(
@@ -184,6 +198,7 @@ class CollectActivations(io.ComfyNode):
                     options=MODES,
                     default="use",
                     optional=True,
+                    advanced=True,
                     tooltip=(
                         "use: reuse the samples collected earlier from exactly these inputs "
                         "(model, LoRAs, CLIP, prompts, every setting), even after other graphs "
@@ -217,8 +232,8 @@ class CollectActivations(io.ComfyNode):
         causal: bool,
         method: str,
         support: str,
+        clip,
         model=None,
-        clip=None,
         layer_regex: str = "",
         frames: int = 1,
         pooling: str = POOLING_DEFAULT,
@@ -255,6 +270,8 @@ class CollectActivations(io.ComfyNode):
         root, sites = collection_root(model, clip, where, layers, layer_regex, size)
         if causal and where != "diffusion model":
             batch_size = 1  # text-encoder modules run once per prompt
+        # causal collection reruns batches, so its bar counts the modules fitted instead
+        by_prompt = None if causal else PromptProgress(sum(map(len, prompts.values())))
         batches = collection_batches(
             model,
             clip,
@@ -265,12 +282,14 @@ class CollectActivations(io.ComfyNode):
             size=size,
             steps=steps,
             sites=sites,
+            progress=by_prompt,
         )
-        progress = comfy.utils.ProgressBar(len(sites) if causal else len(batches))
+        by_module = comfy.utils.ProgressBar(len(sites)) if causal else None
 
         def report(done: int, total: int) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            progress.update_absolute(done, total)
+            if by_module is not None:
+                by_module.update_absolute(done, total)
 
         models = describe_models(model, clip, where)
         start = time.perf_counter()

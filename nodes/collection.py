@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import comfy.model_management
+import comfy.utils
 import torch
 from torch import nn
 
@@ -149,17 +150,20 @@ def collection_batches(
     size: tuple[int, int, int],
     steps: int,
     sites: Sequence[str] = (),
+    progress: PromptProgress | None = None,
 ) -> list[Batch]:
     """One `act.Batch` per chunk of prompts of equal token length, sources first.
 
     `size` is the collection's (width, height) in pixels and its frames (video models).
 
-    `sites` (prefixed by part) tell which joint text + image blocks need their token split.
+    `sites` (prefixed by part) tell which joint text + image blocks need their token split,
+    and how many outputs each batch records, which `progress` counts.
     """
     diffusion = where in ("diffusion model", "both")
     text = where in ("text encoder", "both")
     prefix = f"{diffusion_model.PREFIX}."
     denoiser_sites = [site[len(prefix) :] for site in sites if site.startswith(prefix)]
+    text_sites = len(sites) - len(denoiser_sites)
     batches = []
     for label, texts in prompts.items():
         first = 0
@@ -167,9 +171,50 @@ def collection_batches(
             steps_run = diffusion_model.FirstSteps(steps, denoiser_sites) if diffusion else None
             indices = list(range(first, first + len(chunk)))
             batch = _BatchRun(model, clip, chunk, text, steps_run, seed, size, indices)
+            expected = text_sites * len(chunk) + (len(denoiser_sites) * steps if diffusion else 0)
+            batch.progress = None if progress is None else progress.batch(len(chunk), expected)
             batches.append(Batch(batch.run, label, select=batch.select))
             first += len(chunk)
     return batches
+
+
+class PromptProgress:
+    """ComfyUI's progress bar for a collection, counted in prompts.
+
+    The bar moves within a batch as its outputs are recorded (one sampler call can take
+    minutes on a CPU), and reaches a batch's end when the batch is done; every move checks
+    for Cancel, so a cancelled collection stops at the next recorded output.
+    """
+
+    def __init__(self, prompts: int) -> None:
+        self.total = prompts
+        self.done = 0
+        self.bar = comfy.utils.ProgressBar(prompts)
+
+    def batch(self, prompts: int, outputs: int) -> _BatchProgress:
+        """The progress of one batch of `prompts` prompts that records `outputs` outputs."""
+        return _BatchProgress(self, prompts, max(outputs, 1))
+
+    def show(self, value: float) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.bar.update_absolute(min(value, self.total), self.total)
+
+
+class _BatchProgress:
+    def __init__(self, overall: PromptProgress, prompts: int, outputs: int) -> None:
+        self.overall = overall
+        self.prompts = prompts
+        self.outputs = outputs
+        self.recorded = 0
+
+    def output_recorded(self) -> None:
+        self.recorded += 1
+        share = min(self.recorded / self.outputs, 1.0)
+        self.overall.show(self.overall.done + self.prompts * share)
+
+    def finished(self) -> None:
+        self.overall.done += self.prompts
+        self.overall.show(self.overall.done)
 
 
 def collection_latent(
@@ -231,6 +276,7 @@ class _BatchRun:
         self.size = size
         self.indices = indices
         self.masks: dict[str, torch.Tensor] | None = None
+        self.progress: _BatchProgress | None = None
 
     def run(self) -> None:
         encoded = []
@@ -239,14 +285,21 @@ class _BatchRun:
             self.masks = text_encoder.real_token_masks(self.clip, tokens) if self.text else None
             encoded.append(text_encoder.encode_tokens(self.clip, tokens))
         self.masks = None
-        if self.steps is None:
-            return
-        positive = text_encoder.batch_conditioning(encoded)
-        negative = text_encoder.empty_conditioning(self.clip)
-        latent = collection_latent(self.model, len(self.prompts), *self.size)
-        self.steps.sample(self.model, positive, negative, latent, self.seed, self.indices)
+        if self.steps is not None:
+            positive = text_encoder.batch_conditioning(encoded)
+            negative = text_encoder.empty_conditioning(self.clip)
+            latent = collection_latent(self.model, len(self.prompts), *self.size)
+            self.steps.sample(self.model, positive, negative, latent, self.seed, self.indices)
+        if self.progress is not None:
+            self.progress.finished()
 
     def select(self, site: str, tensor: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
+        chosen = self._rows(site, tensor)
+        if chosen is not None and self.progress is not None:
+            self.progress.output_recorded()
+        return chosen
+
+    def _rows(self, site: str, tensor: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
         part, _, name = site.partition(".")
         if part == text_encoder.PREFIX:
             return self._text_rows(name, tensor)

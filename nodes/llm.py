@@ -19,7 +19,7 @@ from ..act.text.goals import GOALS as GOALS_BY_NAME
 from ..act.text.goals import builtin_sentences
 from ..act.text.models import BUILTIN, load_causal_lm
 from .prompts import parse_prompts
-from .types import CATEGORY, SEARCH_ALIASES, Transport
+from .types import CATEGORY, SEARCH_ALIASES, Transport, shown_when
 
 LLM_FOLDER = "LLM"
 BUILTIN_CHOICE = "smollm2 (built-in)"
@@ -192,15 +192,17 @@ class LLMGenerate(io.ComfyNode):
                 io.String.Input(
                     "source_sentences",
                     multiline=True,
-                    default="",
+                    default="# source: what to move away from, one sentence per line\n",
                     optional=True,
+                    extra_dict=shown_when("goal", CUSTOM, CUSTOM_MITIGATION),
                     tooltip="With 'custom sentences': what to move away from, one per line.",
                 ),
                 io.String.Input(
                     "target_sentences",
                     multiline=True,
-                    default="",
+                    default="# target: what to move towards, one sentence per line\n",
                     optional=True,
+                    extra_dict=shown_when("goal", CUSTOM, CUSTOM_MITIGATION),
                     tooltip="With 'custom sentences': what to move towards, one per line.",
                 ),
             ],

@@ -138,21 +138,44 @@ class StrengthSweep(io.ComfyNode):
         diffusion, _ = parts_of(transport, model, None)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-        progress = comfy.utils.ProgressBar(len(values))
+        progress = SweepProgress(model, len(values))
         results = []
-        for done, strength in enumerate(values, start=1):
+        for index, strength in enumerate(values):
             steered = diffusion_model.steered_model(model, diffusion, strength)
             results.append(
                 comfy.sample.sample(
                     steered, noise, steps, cfg, sampler_name, scheduler, positive, negative,
-                    latent, callback=latent_preview.prepare_callback(steered, steps),
+                    latent, callback=progress.callback(index),
                     disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
                 )
             )  # fmt: skip
-            progress.update_absolute(done, len(values))
         labels = [label(transport, value, None, "") for value in values]
         labels = [text for text in labels for _ in range(latent.shape[0])]
         return io.NodeOutput({"samples": torch.cat(results)}, "\n".join(labels))
+
+
+class SweepProgress:
+    """One progress bar for a whole sweep, in sampling steps of all strengths together, with
+    the sampler's latent previews (ComfyUI's own sampler callback would restart a bar of its
+    own for every strength)."""
+
+    def __init__(self, model, runs: int) -> None:
+        self.runs = runs
+        self.bar = comfy.utils.ProgressBar(runs)
+        self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+
+    def callback(self, run: int):
+        """The sampler callback of run number `run` (0-based)."""
+
+        def update(step: int, x0: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
+            preview = None
+            if self.previewer is not None:
+                first = x0.tensors[0] if x0.is_nested else x0
+                preview = self.previewer.decode_latent_to_preview_image("JPEG", first)
+            total = self.runs * total_steps
+            self.bar.update_absolute(run * total_steps + step + 1, total, preview)
+
+        return update
 
 
 class LabelledGrid(io.ComfyNode):

@@ -16,6 +16,12 @@ SEARCH_ALIASES = ["act", "activation transport", "steer", "steering", "style", "
 FOLDER = "act"
 
 
+def shown_when(widget: str, *values: object) -> dict:
+    """An input's `extra_dict` that shows it on the canvas only while `widget` holds one of
+    `values` (read by nodes/web/act_nodes.js; the input keeps its value while hidden)."""
+    return {"act_shown_when": {"widget": widget, "values": list(values)}}
+
+
 def register_transport_folder() -> None:
     """Register `models/act` (extra paths from extra_model_paths.yaml are kept)."""
     default = os.path.join(folder_paths.models_dir, FOLDER)

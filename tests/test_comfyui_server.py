@@ -111,7 +111,7 @@ def test_object_info_inputs_types_and_defaults(object_info):
         "AcTCollectActivations": {
             "model": ("MODEL", None),
             "clip": ("CLIP", None),
-            "source_prompts": ("STRING", ""),
+            "source_prompts": ("STRING", None),  # a note saying which box it is (below)
             "where": ("COMBO", "diffusion model"),
             "layers": ("COMBO", "auto"),
             "seed": ("INT", 0),
@@ -153,9 +153,17 @@ def test_object_info_inputs_types_and_defaults(object_info):
             if default is not None:
                 assert options.get("default") == default, (node, name)
     collect = object_info["AcTCollectActivations"]
-    assert set(collect["input"]["optional"]) >= {"model", "clip", "layer_regex"}
+    assert set(collect["input"]["optional"]) >= {"model", "layer_regex"}
+    assert "clip" in collect["input"]["required"]  # it encodes the prompts: the graph shows it
+    assert _input(collect, "layer_regex")[1]["act_shown_when"] == {
+        "widget": "layers",
+        "values": ["custom regex"],
+    }
+    assert _input(collect, "batch_size")[1]["advanced"] is True
     assert _input(collect, "seed")[1]["control_after_generate"] == "fixed"  # collect once
     assert _input(collect, "source_prompts")[1]["multiline"] is True
+    for side in ("source", "target"):  # a fresh node's boxes say which is which
+        assert _input(collect, f"{side}_prompts")[1]["default"].startswith(f"# {side}:")
     assert set(_input(object_info["AcTFitTransport"], "method")[1]["options"]) >= {
         "linear",
         "mean",

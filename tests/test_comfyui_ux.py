@@ -23,6 +23,7 @@ from comfy_server import comfyui_checkout as require_comfyui
 from comfy_support import (
     PACK,
     comfyui_path,
+    encode,
     load_pack,
     start_comfy,
     temporary_base,
@@ -37,16 +38,24 @@ HIT = "from the collection cache"
 
 @pytest.fixture(scope="module")
 def pack():
-    """The two nodes tested here; ComfyUI starts once per process, so an earlier module's
+    """The nodes tested here; ComfyUI starts once per process, so an earlier module's
     start is reused (its base folder may be gone: the cache gets a folder of its own)."""
     comfyui_path()
     base = None if "folder_paths" in sys.modules else temporary_base()
     if base is not None:
         start_comfy(base)
     load_pack()
-    captions = importlib.import_module(f"{PACK}.nodes.captions")
-    collect = importlib.import_module(f"{PACK}.nodes.collect")
-    nodes = (captions.StylePrompts, collect.CollectActivations)
+    modules = {
+        name: importlib.import_module(f"{PACK}.nodes.{name}")
+        for name in ("captions", "collect", "fit", "sweep", "llm")
+    }
+    nodes = (
+        modules["captions"].StylePrompts,
+        modules["collect"].CollectActivations,
+        modules["fit"].FitTransport,
+        modules["sweep"].StrengthSweep,
+        modules["llm"].LLMGenerate,
+    )
     yield SimpleNamespace(nodes={node.define_schema().node_id: node for node in nodes})
     if base is not None:
         shutil.rmtree(base, ignore_errors=True)
@@ -231,6 +240,101 @@ def test_a_wrong_cap_is_named_and_cache_off_does_not_read_it(pack, cache_dir, mo
     with pytest.raises(Exception, match="ACT_COLLECTION_CACHE_GB='two'"):
         collect(pack, model, clip, source, target)
     assert collect(pack, model, clip, source, target, cache="off").calls > 0
+
+
+# --- feedback: progress bars, and which inputs the canvas shows ------------------------
+
+
+@pytest.fixture
+def progress_updates(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, float]]:
+    """Every (value, total) a ComfyUI progress bar sends, unthrottled."""
+    import comfy.utils
+
+    updates: list[tuple[float, float]] = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_THROTTLE_MIN_INTERVAL", 0.0)
+    monkeypatch.setattr(comfy.utils, "PROGRESS_THROTTLE_MIN_PERCENT", 0.0)
+    monkeypatch.setattr(
+        comfy.utils,
+        "PROGRESS_BAR_HOOK",
+        lambda value, total, preview, node_id=None: updates.append((value, total)),
+    )
+    return updates
+
+
+@pytest.mark.parametrize("where", ["diffusion model", "text encoder"])
+def test_collection_progress_counts_prompts_and_moves_inside_a_batch(
+    pack, cache_dir, progress_updates, where
+):
+    source, target = style_prompts(pack)  # 4 + 4 prompts, in batches of 4
+    collect(pack, tiny_model(), tiny_clip(), source, target, where=where, batch_size=4)
+    values = [value for value, _ in progress_updates]
+    assert {total for _, total in progress_updates} == {8}
+    assert values == sorted(values) and values[-1] == 8
+    assert any(0 < value < 4 for value in values), "nothing moved before the first batch ended"
+
+
+def test_cancelling_stops_collection_inside_the_first_batch(pack, cache_dir, progress_updates):
+    import comfy.model_management as mm
+
+    model, clip = tiny_model(), tiny_clip()
+    source, target = style_prompts(pack)
+    cancel_at_first_update = lambda *_, **__: mm.interrupt_current_processing(True)  # noqa: E731
+    progress_updates.clear()
+    import comfy.utils
+
+    comfy.utils.PROGRESS_BAR_HOOK = cancel_at_first_update
+    finished = []
+    counter = model.model.diffusion_model.register_forward_hook(lambda *_: finished.append(1))
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            collect(pack, model, clip, source, target, batch_size=4, cache="off")
+    finally:
+        mm.interrupt_current_processing(False)
+        counter.remove()
+    assert finished == []  # the first sampler call was stopped before it finished
+    for module in (model.model.diffusion_model, clip.cond_stage_model):
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def test_strength_sweep_fills_one_bar_over_every_step_of_every_strength(pack, progress_updates):
+    model, clip = tiny_model(), tiny_clip()
+    samples = collect(pack, model, clip, *style_prompts(pack), cache="off").samples
+    transport = pack.nodes["AcTFitTransport"].execute(samples, "linear", "all").result[0]
+    conditioning = [encode(clip, text) for text in ("a cat", "")]
+    progress_updates.clear()
+    pack.nodes["AcTStrengthSweep"].execute(
+        model=model, transport=transport, positive=conditioning[0], negative=conditioning[1],
+        latent_image={"samples": torch.zeros([1, 4, 8, 8])}, strengths="0, 0.5, 1", seed=0,
+        steps=4, cfg=5.0, sampler_name="euler", scheduler="normal",
+    )  # fmt: skip
+    assert progress_updates == [(value, 12) for value in range(1, 13)]
+
+
+def test_every_input_shown_only_in_a_mode_names_a_widget_and_values_it_offers(pack):
+    rules = 0
+    for node_id, node in pack.nodes.items():
+        inputs = {item.id: item for item in node.define_schema().inputs}
+        for item in inputs.values():
+            rule = item.extra_dict.get("act_shown_when")
+            if rule is None:
+                continue
+            rules += 1
+            controlling = inputs.get(rule["widget"])
+            assert controlling is not None, (node_id, item.id, rule)
+            offered = getattr(controlling, "options", None) or [True, False]
+            assert rule["values"] and set(rule["values"]) <= set(offered), (node_id, item.id)
+    assert rules >= 6  # layer_regex, method, support, custom_captions, the LLM's two sentences
+
+
+def test_collect_shows_a_short_simple_view_and_requires_the_clip(pack):
+    inputs = pack.nodes["AcTCollectActivations"].define_schema().inputs
+    simple = [
+        item.id for item in inputs if not item.advanced and "act_shown_when" not in item.extra_dict
+    ]
+    assert simple == [
+        "model", "clip", "source_prompts", "target_prompts", "where", "layers", "width", "height",
+    ]  # fmt: skip
+    assert {item.id: item.optional for item in inputs}["clip"] is False
 
 
 # --- over HTTP: another graph in between, then a restart ---------------------------------

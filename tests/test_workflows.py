@@ -27,15 +27,15 @@ from workflow_schema import (
 )
 
 FEATURES = {
-    "style_sd15",
-    "style_sdxl",
-    "concept_negation_sd15",
-    "strength_sweep_sd15",
-    "save_transport_sd15",
-    "load_transport_sd15",
-    "llm_steering",
-    "style_and_negation_flux",
-    "style_and_negation_sd35",
+    "Style - watercolor - SD1.5",
+    "Style - watercolor - SDXL",
+    "Negation - no pink elephant - SD1.5",
+    "Strength sweep - pencil sketch - SD1.5",
+    "Save a transport - SD1.5",
+    "Load a transport - SD1.5",
+    "LLM steering - SmolLM2",
+    "Style and negation - FLUX.1 dev",
+    "Style and negation - SD3.5 Large",
 }
 # the file names users already have (so a shared workflow finds their checkpoint)
 CHECKPOINTS = {
@@ -155,7 +155,7 @@ def test_loaded_transports_are_saved_by_a_workflow(schemas):
 
 
 def test_the_conversion_follows_the_front_end_rules(schemas):
-    workflow = load_json(PATHS["style_sd15"])
+    workflow = load_json(PATHS["Style - watercolor - SD1.5"])
     prompt = to_api(workflow, schemas)
     assert not any(node["class_type"] in UI_ONLY for node in prompt.values())
     (collect,) = [node for node in prompt.values() if node["class_type"] == "AcTCollectActivations"]
@@ -171,7 +171,7 @@ def test_the_conversion_follows_the_front_end_rules(schemas):
 def test_a_linked_widget_input_is_sent_as_its_link(schemas):
     """A widget input fed by a link (the LLM nodes' prompt, from one text node) sends the link;
     the widget's own value, which the front end still saves, is not sent."""
-    workflow = load_json(PATHS["llm_steering"])
+    workflow = load_json(PATHS["LLM steering - SmolLM2"])
     prompt = to_api(workflow, schemas)
     texts = {
         key for key, node in prompt.items() if node["class_type"] == "PrimitiveStringMultiline"
@@ -185,8 +185,9 @@ def test_a_linked_widget_input_is_sent_as_its_link(schemas):
 
 
 def broken(node_type: str, field: str, index: int | None, value: Any) -> dict[str, Any]:
-    """style_sd15 with one change to the first node of `node_type` ("links": the links)."""
-    workflow = copy.deepcopy(load_json(PATHS["style_sd15"]))
+    """ "Style - watercolor - SD1.5" with one change to the first node of `node_type` ("links":
+    the links)."""
+    workflow = copy.deepcopy(load_json(PATHS["Style - watercolor - SD1.5"]))
     target = workflow if node_type == "links" else nodes_of(workflow, node_type)[0]
     if index is None:
         target[field] = value
@@ -222,7 +223,7 @@ def test_the_check_finds_broken_workflows(node_type, field, index, value, messag
 
 
 def test_the_check_finds_links_between_mismatched_types(schemas):
-    workflow = copy.deepcopy(load_json(PATHS["style_sd15"]))
+    workflow = copy.deepcopy(load_json(PATHS["Style - watercolor - SD1.5"]))
     (fit,) = nodes_of(workflow, "AcTFitTransport")
     (apply,) = nodes_of(workflow, "AcTApply")
     (checkpoint,) = nodes_of(workflow, "CheckpointLoaderSimple")
@@ -263,3 +264,24 @@ def test_grid_labels_come_from_the_strengths_used(name, schemas):
         else:
             assert not re.search(r"strength|\d", labels), labels
             assert more is not None and prompt[more[0]]["class_type"] == "AcTApply"
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_typed_prompt_boxes_say_which_is_source_and_which_is_target(name, schemas):
+    """Filled prompt boxes show no input name: their first line, a note, says which is which
+    (swapped boxes would invert the effect), and the prompts after it pair line for line."""
+    for node in load_json(PATHS[name])["nodes"]:
+        if node["type"] != "AcTCollectActivations":
+            continue
+        values = widget_values(node, schemas)
+        linked = {item["name"] for item in node["inputs"] if item.get("link") is not None}
+        typed = [side for side in ("source", "target") if f"{side}_prompts" not in linked]
+        for side in typed:
+            first = values[f"{side}_prompts"].splitlines()[0]
+            assert first.startswith(f"# {side}:"), (name, side, first)
+        if typed == ["source", "target"]:
+            counts = [
+                len([line for line in values[f"{side}_prompts"].splitlines() if line[:1] != "#"])
+                for side in typed
+            ]
+            assert counts[0] == counts[1] >= 20, (name, counts)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,9 @@ def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(sd15_checkpoint: Path, tiny_llm: Path) -> Iterator[ComfyServer]:
     models = {f"checkpoints/{name}": sd15_checkpoint for name in STAND_INS}
     models[f"LLM/{TINY_LLM}"] = tiny_llm
-    # LRU caching: a workflow whose collection equals an earlier one's (save_transport_sd15
-    # and style_sd15) reuses it, whatever ran in between; collection dominates the run time
+    # LRU caching: a workflow whose collection equals an earlier one's ("Save a transport -
+    # SD1.5" and "Style - watercolor - SD1.5") reuses it, whatever ran in between; collection
+    # dominates the run time
     with comfy_server(sd15_checkpoint, models=models, extra_args=CACHE) as running:
         yield running
 
@@ -153,10 +155,12 @@ def test_the_snapshot_equals_the_live_schemas(object_info):
 def test_comfyui_serves_the_workflows_as_the_packs_templates(server):
     assert sorted(server.request("/workflow_templates")[PACK_FOLDER]) == sorted(WORKFLOWS)
     for name, path in WORKFLOWS.items():
-        served = server.request(f"/api/workflow_templates/{PACK_FOLDER}/{path.name}")
+        # the names have spaces: the browser sends them percent-encoded
+        folder = f"/api/workflow_templates/{PACK_FOLDER}/{urllib.parse.quote(name)}"
+        served = server.request(f"{folder}.json")
         assert served == load_json(path), name
         # the front end shows <name>.jpg as the template's thumbnail
-        thumbnail = server.request_bytes(f"/api/workflow_templates/{PACK_FOLDER}/{name}.jpg")
+        thumbnail = server.request_bytes(f"{folder}.jpg")
         assert thumbnail == path.with_suffix(".jpg").read_bytes(), name
 
 
@@ -238,8 +242,9 @@ def expected_grid_width(prompt: dict[str, Any], grid: dict[str, Any]) -> int:
 
 
 def test_the_labels_follow_the_strength_actually_used(runs, server, object_info):
-    """style_sd15 at strength 0.5: the grid's label comes from AcT Apply, which says 0.5."""
-    prompt = shrunk(to_api(load_json(WORKFLOWS["style_sd15"]), object_info))
+    """ "Style - watercolor - SD1.5" at strength 0.5: the grid's label comes from AcT Apply,
+    which says 0.5."""
+    prompt = shrunk(to_api(load_json(WORKFLOWS["Style - watercolor - SD1.5"]), object_info))
     (apply_id,) = [key for key, node in prompt.items() if node["class_type"] == "AcTApply"]
     (grid,) = [node for node in prompt.values() if node["class_type"] == "AcTLabelledGrid"]
     assert grid["inputs"]["more_labels"] == [apply_id, 2]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from comfy_browser import (
     Browser,
     chromium,
@@ -45,6 +46,8 @@ from workflow_schema import (
     workflow_paths,
 )
 
+import act
+
 WIDTH, HEIGHT = 1920, 1200  # the screenshots' size
 MAX_SCREENSHOT_BYTES = 500_000
 SETTINGS = {
@@ -52,6 +55,7 @@ SETTINGS = {
     "Comfy.Minimap.Visible": False,  # the minimap would cover part of the graph
 }
 FOLDERS = {"ckpt_name": "checkpoints", "transport_name": "act", "model": "LLM"}
+FEEDBACK_TRANSPORT = "feedback_test.safetensors"  # a real file: the feedback test loads it
 TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
 WORKFLOWS = {path.stem: path for path in workflow_paths()}
 
@@ -78,6 +82,7 @@ def front_end(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ComfyS
     placeholder = tmp_path_factory.mktemp("models") / "placeholder.safetensors"
     placeholder.write_bytes(b"")
     models = model_files(load_snapshot(), placeholder)
+    models[f"act/{FEEDBACK_TRANSPORT}"] = tiny_transport(placeholder.parent / FEEDBACK_TRANSPORT)
     start = time.perf_counter()
     with (
         comfy_server(models=models, settings=SETTINGS) as server,
@@ -96,6 +101,16 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return tmp_path_factory.mktemp("screenshots")
     path = Path(folder) if Path(folder).is_absolute() else ROOT / folder
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def tiny_transport(path: Path) -> Path:
+    """A transport file of two modules fitted on random samples."""
+    generator = torch.Generator().manual_seed(0)
+    sites = ["diffusion_model.input_blocks.0.0", "diffusion_model.out.0"]
+    source = {site: torch.randn(8, 4, generator=generator) for site in sites}
+    target = {site: torch.randn(8, 4, generator=generator) + 1 for site in sites}
+    act.fit_transport(source, target, support="all").save(path)
     return path
 
 
@@ -169,11 +184,86 @@ def test_workflow_loads_in_the_front_end_without_warnings(name, front_end, scree
     assert scale >= 0.6, "the graph is too spread out to read in a screenshot"
 
 
+# Builds a graph on the canvas (Style Prompts and Load Transport each shown by Preview Any, and
+# an unconnected Collect Activations), queues it, and reports what the nodes show.
+FEEDBACK_GRAPH = """
+const [transportName] = arguments;
+const graph = app.rootGraph;
+graph.clear();
+const place = (type, x, y) => {
+  const node = LiteGraph.createNode(type);
+  node.pos = [x, y];
+  graph.add(node);
+  return node;
+};
+const widget = (node, name) => node.widgets.find((w) => w.name === name);
+const visible = (node, name) => node.isWidgetVisible(widget(node, name));
+const style = place("AcTStylePrompts", 40, 60);
+style.connect(0, place("PreviewAny", 520, 60), 0);
+const load = place("AcTLoadTransport", 40, 520);
+widget(load, "transport_name").value = transportName;
+load.connect(0, place("PreviewAny", 520, 520), 0);
+const collect = place("AcTCollectActivations", 980, 60);
+const before = graph.serialize();
+const shown = {regex: visible(collect, "layer_regex"), causal: visible(collect, "causal"),
+               method: visible(collect, "method"), prompts: visible(collect, "source_prompts")};
+const layers = widget(collect, "layers");
+layers.value = "custom regex";
+layers.callback(layers.value);
+shown.regexWithCustom = visible(collect, "layer_regex");
+collect.showAdvanced = true;
+shown.causalAdvanced = visible(collect, "causal");
+shown.methodAdvanced = visible(collect, "method");
+const causal = widget(collect, "causal");
+causal.value = true;
+causal.callback(causal.value);
+shown.methodCausal = visible(collect, "method");
+await app.queuePrompt(0, 1);
+const summary = (node) => node.widgets.find((w) => w.name === "act_summary")?.value;
+const deadline = Date.now() + 60000;
+while (!(summary(style) && summary(load)) && Date.now() < deadline) {
+  await new Promise((resolve) => setTimeout(resolve, 250));
+}
+const values = (saved, node) =>
+  saved.nodes.find((n) => String(n.id) === String(node.id)).widgets_values;
+const after = graph.serialize();
+graph.setDirtyCanvas(true, true);
+return {shown, style: summary(style), load: summary(load),
+        savedBefore: [values(before, style), values(before, load)],
+        savedAfter: [values(after, style), values(after, load)]};
+"""
+
+
+def test_nodes_show_what_they_did_and_mode_inputs_only_in_their_mode(front_end, screenshots):
+    """After a run the nodes' summaries are drawn on them and not saved with the workflow;
+    layer_regex shows only with 'custom regex', method only with causal, and advanced inputs
+    only when the node shows them."""
+    _, browser = front_end
+    report = browser.run(FEEDBACK_GRAPH, FEEDBACK_TRANSPORT, timeout=90)
+    assert report["shown"] == {
+        "regex": False,
+        "causal": False,
+        "method": False,
+        "prompts": True,
+        "regexWithCustom": True,
+        "causalAdvanced": True,
+        "methodAdvanced": False,
+        "methodCausal": True,
+    }
+    assert report["style"].startswith("40 pairs, e.g.")
+    assert "2 modules, 8 units" in report["load"]
+    assert report["savedAfter"] == report["savedBefore"]
+    problems = [entry for entry in browser.console() if "act_nodes" in entry["text"]]
+    assert problems == []
+    shot = browser.screenshot(screenshots / "node_feedback.png")
+    assert png_size(shot) == (WIDTH, HEIGHT)
+
+
 def test_the_load_check_sees_missing_nodes_and_models(front_end):
     """A workflow with an unknown node and a checkpoint the server lacks is reported (runs
     last: the front end keeps its error overlay open)."""
     _, browser = front_end
-    workflow = load_json(WORKFLOWS["load_transport_sd15"])
+    workflow = load_json(WORKFLOWS["Load a transport - SD1.5"])
     for node in workflow["nodes"]:
         if node["type"] == "AcTLoadTransport":
             node["type"] = "AcTNoSuchNode"
