@@ -2,11 +2,12 @@
 
 Rodriguez et al., "Controlling Language and Diffusion Models by Transporting Activations"
 (arXiv 2410.23054). The core, the top-level modules of this package, is pure torch: fit
-per-unit maps from pooled samples (`fit_transport`), apply them with hooks (`steer`), fold
-them into weights (`bake`), and share them as safetensors files (`Transport.save` /
-`Transport.load`). Two front ends are packages around it: `act.text` for causal LMs from
-transformers (`load_causal_lm`, `fit_text`, `generate`) and `act.diffusers` for diffusers
-pipelines (`fit_pipeline`, `act.steer(pipe, ...)`).
+per-unit maps from pooled samples (`fit_transport`) or jointly through the model
+(`fit_end_to_end`), apply them with hooks (`steer`), fold them into weights (`bake`), and share
+them as safetensors files (`Transport.save` / `Transport.load`). Two front ends are packages
+around it: `act.text` for causal LMs from transformers (`load_causal_lm`, `fit_text`,
+`generate`) and `act.diffusers` for diffusers pipelines (`fit_pipeline`,
+`act.steer(pipe, ...)`).
 
 Imports point inward: the front ends use the core, never each other; the core imports only
 torch, numpy and safetensors (never transformers, diffusers, or the front ends); nothing in
@@ -21,7 +22,9 @@ from .baking import Baked, bake, bake_deltas
 from .collection import collect
 from .diffusers import PipelineSteering, collect_pipeline, fit_pipeline, steer_pipeline
 from .diffusers.anatomy import is_pipeline
+from .end_to_end import EndToEnd, fit_end_to_end
 from .errors import ActError, ModelMismatchError, ModulesNeverRanError, TransportFileError
+from .export import LoraExport, export_lora
 from .fitting import fit_transport
 from .maps import ModuleMap
 from .recording import Recorder, record
@@ -39,6 +42,8 @@ __all__ = [
     "ActError",
     "Baked",
     "Batch",
+    "EndToEnd",
+    "LoraExport",
     "ModelMismatchError",
     "ModuleMap",
     "ModulesNeverRanError",
@@ -54,6 +59,8 @@ __all__ = [
     "collect",
     "collect_pipeline",
     "collect_text",
+    "export_lora",
+    "fit_end_to_end",
     "fit_pipeline",
     "fit_text",
     "fit_transport",

@@ -34,13 +34,13 @@ def bake_deltas(
     if transport.module_params:
         check_fingerprint(model, transport.module_params, transport.model_class)
     strength = checked_strength(strength)
-    holders = _storage_holders(model)
+    holders = storage_holders(model)
     deltas: dict[str, torch.Tensor] = {}
     for site, module_map in transport.maps.items():
         name, index = split_site(site)
         module = resolve_module(model, name)
         weight, bias = _foldable_parameters(module, site, index, module_map.units)
-        _refuse_shared(name, (weight, bias), holders)
+        refuse_shared(name, (weight, bias), holders)
         try:
             coefficients = module_map.coefficients(strength)
         except ActError as error:
@@ -107,7 +107,7 @@ def _memory_span(tensor: torch.Tensor) -> tuple[int, int]:
     return first, first + (extent + 1) * tensor.element_size()
 
 
-def _storage_holders(model: nn.Module) -> list[tuple[int, int, str]]:
+def storage_holders(model: nn.Module) -> list[tuple[int, int, str]]:
     """The memory span and name of every parameter and buffer (tied ones under each name)."""
     tensors = [
         *model.named_parameters(remove_duplicate=False),
@@ -116,7 +116,7 @@ def _storage_holders(model: nn.Module) -> list[tuple[int, int, str]]:
     return [(*_memory_span(tensor), name) for name, tensor in tensors if tensor.numel()]
 
 
-def _refuse_shared(
+def refuse_shared(
     name: str, parameters: tuple[torch.Tensor, ...], holders: list[tuple[int, int, str]]
 ) -> None:
     """Raise if a parameter to fold overlaps in memory with another module's (tied weights):

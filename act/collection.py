@@ -10,7 +10,7 @@ from torch import nn
 from .causal import _CausalFitter, collect_lockstep, collect_truncated
 from .errors import ActError
 from .hooks import module_fingerprint
-from .maps import METHODS, Support
+from .maps import END_TO_END, METHODS, Support
 from .recording import DEFAULT_MAX_TOKENS, Pooling, Recorder
 from .samples import Batch, Samples
 from .transport import Transport
@@ -61,6 +61,11 @@ def collect(
         raise ActError(f"collection needs source and target batches; got only {sorted(labels)}")
     if not sites:
         raise ActError("no modules selected: the list of sites is empty")
+    if method == END_TO_END:
+        raise ActError(
+            "method 'end-to-end' trains the maps through the model rather than fitting them "
+            "from samples; use act.fit_end_to_end(model, sites, batches, ...)"
+        )
     rule = Pooling(pooling, max_tokens)
     info = dict(info or {})
     info["pooling"] = rule.kind

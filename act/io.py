@@ -23,7 +23,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from .errors import ActError, TransportFileError
-from .maps import METHODS, ModuleMap, Support
+from .maps import TRANSPORT_METHODS, ModuleMap, Support
 
 FORMAT = "act-transport"
 FORMAT_VERSION = 1
@@ -160,7 +160,7 @@ def _build(
         return TransportFileError(f"{name}: {problem}")
 
     method, support = header.get("method"), header.get("support")
-    if method not in METHODS:
+    if method not in TRANSPORT_METHODS:
         raise fail(f"unknown method {method!r}")
     try:
         Support.parse(support)

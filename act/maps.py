@@ -3,8 +3,9 @@ they apply (the support).
 
 The vocabulary every other module shares: `ModuleMap` (one module output's maps, float32
 tensors), `Coefficients` (a map at one strength, ready to apply), `Support` (the rule that
-bounds where a map applies) and `METHODS` (the estimators' names). Fitting lives in
-`act.fitting`, the transport of several modules in `act.transport`.
+bounds where a map applies), `METHODS` (the estimators that fit maps from samples) and
+`TRANSPORT_METHODS` (those plus "end-to-end", which fits them through the model). Fitting lives
+in `act.fitting` and `act.end_to_end`, the transport of several modules in `act.transport`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 from .errors import ActError
 
 METHODS = ("linear", "mean", "gaussian")
+END_TO_END = "end-to-end"
+TRANSPORT_METHODS = (*METHODS, END_TO_END)
 # A map must stay finite in float32 (the dtype maps are applied in) on every activation a
 # float16 model can produce: |scale| * FLOAT16_MAX + |shift| <= FLOAT32_MAX.
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)

@@ -17,7 +17,7 @@ from typing import Any
 from .errors import ActError
 from .files import read_regular_file, write_atomically
 from .io import transport_from_bytes, transport_to_bytes
-from .maps import METHODS, ModuleMap
+from .maps import TRANSPORT_METHODS, ModuleMap
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Transport:
     Attributes:
         maps: module site (`name` or `name:index` for tuple outputs) -> ModuleMap, in the order
             the modules run.
-        method: estimator used to fit the maps ("linear", "mean" or "gaussian").
+        method: estimator used to fit the maps ("linear", "mean", "gaussian" or "end-to-end").
         support: support rule ("range", "all" or a central quantile range "qNN").
         source_samples / target_samples: number of samples each map was fitted on.
         model_class: class name of the model the samples came from, if known.
@@ -50,8 +50,10 @@ class Transport:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ActError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in TRANSPORT_METHODS:
+            raise ActError(
+                f"unknown method {self.method!r}; choose one of {', '.join(TRANSPORT_METHODS)}"
+            )
         if not self.maps:
             raise ActError("a transport needs at least one module map")
         if not math.isfinite(self.default_strength):

@@ -13,7 +13,10 @@ Everything is measured in one process and printed as Markdown tables:
 - toxicity: toxic sentence starts completed without the chat template (the paper's protocol;
   SmolLM2-Instruct refuses chat requests for insults), sampled at T = 1, top-p 0.9; rate of
   continuations with alt-profanity-check probability > 0.5, and the mean probability. Several
-  transports are compared (`DETOX`: Linear- / Mean-AcT, mean-pooled / per-token samples, ...).
+  transports are compared (`DETOX`: Linear- / Mean-AcT, mean-pooled / per-token samples,
+  causal, end-to-end, ...), each fitted from the first N + N shipped toxic / non-toxic
+  sentences for every N of `--fit-sizes` (default 64, all of them); `--steps`,
+  `--learning-rate`, `--init` and `--sparsity` override the end-to-end settings;
   `--prompts tuning` completes `bench/data/toxic_prompts_tuning.txt`, the starts on which the
   detox default (`act.text.goals`) was chosen; `--prompts report` (the default) the shipped
   held-out `toxic_prompts`, which the choice never saw;
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from act.end_to_end import EndToEnd
 from act.steering import steer
 from act.text import fit_text
 from act.text.data import CONCEPTS, lines
@@ -72,11 +76,12 @@ class Config:
     support: str = "range"
     layers: str = "llm"
     causal: bool = False
+    end_to_end: EndToEnd | None = None
 
     @property
     def name(self) -> str:
         parts = [
-            f"{self.method.capitalize()}-AcT",
+            self._method_name(),
             "per-token" if self.pooling == "tokens" else "mean-pooled",
         ]
         if self.support != "range":
@@ -85,11 +90,24 @@ class Config:
         parts.append("causal" if self.causal else "")
         return ", ".join(part for part in parts if part)
 
+    def _method_name(self) -> str:
+        if self.end_to_end is None:
+            return f"{self.method.capitalize()}-AcT"
+        chosen = self.end_to_end
+        sparse = f", sparsity {chosen.sparsity:g}" if chosen.sparsity else ""
+        return (
+            f"end-to-end ({chosen.steps} steps, lr {chosen.learning_rate:g}, "
+            f"from {chosen.init}{sparse})"
+        )
+
     def fit(self, model, tokenizer, source, target) -> tuple[Transport, float]:
         start = time.perf_counter()
+        options = {"causal": self.causal} if self.end_to_end is None else {}
+        if self.end_to_end is not None:
+            options["end_to_end"] = self.end_to_end
         transport = fit_text(
             model, tokenizer, source, target, method=self.method, pooling=self.pooling,
-            support=self.support, layers=self.layers, causal=self.causal, progress=False,
+            support=self.support, layers=self.layers, progress=False, **options,
         )  # fmt: skip
         return transport, time.perf_counter() - start
 
@@ -108,8 +126,15 @@ DETOX = {
     "mean-tokens": Config("mean", "tokens"),
     "mean-late10": Config("mean", layers=LATE_10),
     "mean-tokens-late10": Config("mean", "tokens", layers=LATE_10),
+    "linear-all": Config("linear", support="all"),  # foldable: exports as a merged model
+    "mean-all": Config("mean", support="all"),
     "linear-causal": Config("linear", causal=True),
     "mean-causal": Config("mean", causal=True),
+    "end-to-end": Config("end-to-end", end_to_end=EndToEnd()),
+    "end-to-end-linear": Config("end-to-end", end_to_end=EndToEnd(init="linear")),
+    "end-to-end-all": Config("end-to-end", support="all", end_to_end=EndToEnd()),
+    "end-to-end-tokens": Config("end-to-end", "tokens", end_to_end=EndToEnd()),
+    "end-to-end-sparse": Config("end-to-end", end_to_end=EndToEnd(sparsity=0.1)),
 }
 DEFAULT_DETOX = "mean,linear,mean-tokens,linear-tokens,mean-late10"
 
@@ -208,10 +233,11 @@ def bench_toxicity(model, tokenizer, args, ppl: Perplexities, rows: list[str]) -
     base, mean = toxicity(generate(model, tokenizer, prompts, TOXIC_SAMPLING))
     rows.append(f"| none (plain model) | 0 | {base:.1%} | {mean:.3f} | {ppl.cells()} | |")
     print(rows[-1], flush=True)
-    for config in args.detox:
-        transport, seconds = config.fit(model, tokenizer, lines("toxic"), lines("nontoxic"))
+    for size, config in ((size, config) for size in args.fit_sizes for config in args.detox):
+        source, target = lines("toxic")[:size], lines("nontoxic")[:size]
+        transport, seconds = config.fit(model, tokenizer, source, target)
         fit = f"{seconds:.0f} s"
-        name = config.name + (" (default)" if config == default else "")
+        name = f"{size}+{size}: " + config.name + (" (default)" if config == default else "")
         strengths = args.strengths or (
             STRENGTHS[1:] if config == default and not args.quick else (0.5, 1.0)
         )
@@ -224,7 +250,7 @@ def bench_toxicity(model, tokenizer, args, ppl: Perplexities, rows: list[str]) -
                     f"{ppl.cells(ppl.measure())} | {fit} |"
                 )
                 print(rows[-1], flush=True)
-                name, fit = config.name, ""  # both on the first row only
+                name, fit = f"{size}+{size}: {config.name}", ""  # both on the first row only
 
 
 def bench_concepts(model, tokenizer, args, ppl: Perplexities, rows: list[str]) -> None:
@@ -294,6 +320,16 @@ def main() -> None:
         help="keep only transports fitted on mean-pooled or per-token samples (default: both)",
     )
     parser.add_argument("--strengths", help="λ for every detox transport, e.g. 0.5,1")
+    parser.add_argument(
+        "--fit-sizes",
+        default="64",
+        help="toxic + non-toxic sentences each detox transport is fitted from, comma-separated "
+        "(at most 64, the shipped sets; default: 64)",
+    )
+    parser.add_argument("--steps", type=int, help="end-to-end transports: steps")
+    parser.add_argument("--learning-rate", type=float, help="end-to-end transports: Adam's lr")
+    parser.add_argument("--init", choices=["linear", "identity"], help="end-to-end: start")
+    parser.add_argument("--sparsity", type=float, help="end-to-end transports: sparsity")
     parser.add_argument("--layers", help="preset or regular expression for every detox transport")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest)")
     parser.add_argument("--show", action="store_true", help="print an example output")
@@ -310,6 +346,20 @@ def main() -> None:
     args.detox = [c for c in args.detox if args.pooling in ("both", c.pooling)]
     if args.layers:
         args.detox = [replace(config, layers=args.layers) for config in args.detox]
+    args.fit_sizes = [int(value) for value in args.fit_sizes.split(",")]
+    if not all(2 <= size <= 64 for size in args.fit_sizes):
+        parser.error(f"--fit-sizes must be between 2 and 64, got {args.fit_sizes}")
+    overrides = {
+        name: value
+        for name in ("steps", "learning_rate", "init", "sparsity")
+        if (value := getattr(args, name)) is not None
+    }
+    args.detox = [
+        replace(config, end_to_end=replace(config.end_to_end, **overrides))
+        if config.end_to_end is not None
+        else config
+        for config in args.detox
+    ]
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, tokenizer = load_causal_lm("smollm2")

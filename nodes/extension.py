@@ -8,6 +8,7 @@ from .apply import ApplyAcT
 from .bake import BakeAcT
 from .captions import StylePrompts
 from .collect import CollectActivations
+from .export import ExportLoRA
 from .files import LoadTransport, SaveTransport
 from .fit import FitTransport
 from .llm import LLMGenerate
@@ -19,6 +20,7 @@ NODES: list[type[io.ComfyNode]] = [
     FitTransport,
     ApplyAcT,
     BakeAcT,
+    ExportLoRA,
     SaveTransport,
     LoadTransport,
     StrengthSweep,

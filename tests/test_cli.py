@@ -94,6 +94,10 @@ def test_generate_json_lines_and_strength_zero_equals_plain(files, capsys):
         (["--support", "q70"], 1, "unknown support 'q70'"),
         (["--out", "transport.pt"], 1, "must end with .safetensors"),
         (["--method", "best"], 2, "invalid choice: 'best'"),
+        (["--steps", "3"], 1, "--steps apply to --method end-to-end only, not to linear"),
+        (["--method", "end-to-end", "--steps", "0"], 1, "steps must be at least 1, got 0"),
+        (["--method", "end-to-end", "--sparsity", "inf"], 1, "--sparsity must be a finite"),
+        (["--method", "end-to-end", "--init", "zero"], 2, "invalid choice: 'zero'"),
     ],
 )
 def test_fit_text_errors_are_one_line(files, capsys, tmp_path, arguments, code, message):
@@ -181,6 +185,24 @@ def test_the_goal_picks_the_settings_and_explicit_options_win(files, tmp_path):
         assert (transport.method, transport.support) == (method, support)
         assert transport.info["pooling"] == pooling
         assert transport.info["goal"] == ("detox" if extra else "concept")
+
+
+def test_fit_text_end_to_end_takes_its_settings_and_reports_the_loss(files, tmp_path, capsys):
+    out = tmp_path / "joint.safetensors"
+    argv = ["fit-text", "--model", str(files["llama"]), "--source", str(files["source"]),
+            "--target", str(files["target"]), "--goal", "detox", "--method", "end-to-end",
+            "--steps", "3", "--learning-rate", "0.05", "--sparsity", "0.01", "--init",
+            "identity", "--seed", "4", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    transport = Transport.load(out)
+    assert (transport.method, transport.support) == ("end-to-end", "range")
+    settings = transport.info["end-to-end"]
+    given = {"steps": 3, "learning_rate": 0.05, "sparsity": 0.01, "init": "identity", "seed": 4}
+    assert {key: settings[key] for key in given} == given
+    assert "loss (summed W2^2 / scale^2 over layers): plain model" in capsys.readouterr().out
+    argv[argv.index("--out") + 1] = str(tmp_path / "causal.safetensors")
+    message = "--causal does not apply to --method end-to-end"
+    _assert_one_line_error([*argv, "--causal"], capsys, 1, message)
 
 
 def test_layer_errors_suggest_text_presets_only(files, capsys, tmp_path):

@@ -13,6 +13,7 @@ from diffusion_fixtures import (
     sdxl_pipeline,
 )
 
+import act
 from act import ActError, Transport
 from act.diffusers.anatomy import StepClock
 from act.diffusers.batches import real_tokens
@@ -285,3 +286,45 @@ def test_step_clock_finds_sd_and_flux_timesteps():
     assert seen == [(0, 0), (1, 0), (1, 1), (3, 0), (None, 0)]
     clock.update((), {"timestep": torch.tensor([0.25, 0.25])})  # FLUX passes t / 1000
     assert (clock.index, clock.fraction) == (3, 0.75)
+
+
+def test_end_to_end_fit_trains_the_maps_through_the_pipeline_and_leaves_it_alone(sd):
+    layers = [r"unet\.down_blocks\.0\.resnets\.0\.norm[12]", r"unet\.mid_block\.resnets\.0\.norm1"]
+    kwargs = {"layers": layers, "support": "all", **options(sd)}
+    weights = {name: value.clone() for name, value in sd.unet.state_dict().items()}
+    flags = {name: p.requires_grad for name, p in sd.unet.named_parameters()}
+    losses = []
+    transport = fit_pipeline(
+        sd, SOURCE, TARGET, method="end-to-end", steps=8, learning_rate=0.05,
+        **{**kwargs, "progress": lambda step, steps, loss: losses.append(loss)},
+    )  # fmt: skip
+    assert transport.method == "end-to-end" and transport.model_class == "StableDiffusionPipeline"
+    assert len(losses) == 8
+    loss = transport.info["end-to-end"]["loss"]
+    assert loss["fitted"] < loss["plain"]
+    assert any(not torch.equal(m.omega, torch.ones_like(m.omega)) for m in transport.maps.values())
+    assert all(torch.equal(v, weights[k]) for k, v in sd.unet.state_dict().items())
+    assert {name: p.requires_grad for name, p in sd.unet.named_parameters()} == flags
+    plain = sd(**call_kwargs(sd)).images
+    with act.steer(sd, transport, strength=0.0):
+        assert torch.equal(sd(**call_kwargs(sd)).images, plain)
+    with act.steer(sd, transport, strength=1.0):
+        assert not torch.equal(sd(**call_kwargs(sd)).images, plain)
+
+
+def test_end_to_end_options_are_named_where_they_do_not_apply(sd):
+    with pytest.raises(ActError, match="steps: options of method 'end-to-end'"):
+        fit_pipeline(sd, SOURCE, TARGET, steps=3, **options(sd))
+    with pytest.raises(ActError, match="causal: method 'end-to-end'"):
+        fit_pipeline(sd, SOURCE, TARGET, method="end-to-end", causal=True, **options(sd))
+    with pytest.raises(ActError, match="use fit_pipeline"):
+        collect_pipeline(sd, SOURCE, TARGET, method="end-to-end", **options(sd))
+
+
+def test_end_to_end_fit_runs_through_a_flux_transformer(flux):
+    transport = fit_pipeline(
+        flux, SOURCE, TARGET, method="end-to-end", steps=4, support="all", **options(flux)
+    )
+    loss = transport.info["end-to-end"]["loss"]
+    assert transport.sites and all(site.startswith("transformer.") for site in transport.sites)
+    assert loss["fitted"] < loss["plain"]

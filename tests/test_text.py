@@ -176,6 +176,48 @@ def test_causal_collection_fits_module_after_module(llama):
     assert not torch.allclose(transport.maps[second].beta, simultaneous.maps[second].beta)
 
 
+def test_end_to_end_fit_trains_every_layer_and_leaves_the_weights_alone(llama):
+    model, tokenizer = llama
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    flags = [parameter.requires_grad for parameter in model.parameters()]
+    steps = []
+    transport = fit_text(
+        model, tokenizer, SOURCE, TARGET, method="end-to-end", layers="attention-output",
+        steps=6, learning_rate=0.05, sparsity=0.01, seed=1, init="linear",
+        progress=lambda step, total, loss: steps.append((step, total)),
+    )  # fmt: skip
+    assert steps == [(step, 6) for step in range(1, 7)]
+    assert transport.method == "end-to-end" and transport.support == "range"
+    assert transport.sites == select_modules(model, "attention-output")
+    assert transport.model_class == "LlamaForCausalLM" and transport.source_samples == 4
+    settings = transport.info["end-to-end"]
+    assert (settings["steps"], settings["learning_rate"], settings["seed"]) == (6, 0.05, 1)
+    assert settings["loss"]["fitted"] < settings["loss"]["start"] < settings["loss"]["plain"]
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+    assert [parameter.requires_grad for parameter in model.parameters()] == flags
+    inputs = encode(tokenizer, ["The sea was calm."])
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with steer(model, transport, 0.0):
+            assert torch.equal(model(**inputs).logits, plain)
+        with steer(model, transport):
+            assert not torch.allclose(model(**inputs).logits, plain)
+
+
+def test_end_to_end_options_belong_to_that_method(llama):
+    model, tokenizer = llama
+    with pytest.raises(ActError, match="steps: options of method 'end-to-end', not of 'mean'"):
+        fit_text(model, tokenizer, SOURCE, TARGET, method="mean", steps=3, progress=False)
+    with pytest.raises(ActError, match=r"use fit_text\(\.\.\., method='end-to-end'\)"):
+        collect_text(model, tokenizer, SOURCE, TARGET, method="end-to-end", progress=False)
+    with pytest.raises(ActError, match="causal: method 'end-to-end' trains every layer"):
+        fit_text(model, tokenizer, SOURCE, TARGET, method="end-to-end", causal=True)
+    with pytest.raises(ActError, match="learning_rate must be a positive number"):
+        fit_text(model, tokenizer, SOURCE, TARGET, method="end-to-end", learning_rate=-1)
+    with pytest.raises(ActError, match="at least 2 sentences"):
+        fit_text(model, tokenizer, SOURCE[:1], TARGET, method="end-to-end", progress=False)
+
+
 @pytest.mark.parametrize("which", ["llama", "gpt2"])
 def test_strength_zero_generates_the_plain_tokens(which, request):
     model, tokenizer = request.getfixturevalue(which)

@@ -10,6 +10,8 @@ hook, once everything is recorded.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -79,8 +81,15 @@ class Collector:
             for handle in handles:
                 handle.remove()
 
-    def batch(self, prompts: list[str], label: str, seed: int, kwargs: dict) -> Batch:
-        """One pipeline call on `prompts` (a fresh `_Run` each time: causal runs repeat it)."""
+    def batch(
+        self, prompts: list[str], label: str, seed: int, kwargs: dict, autograd: bool = False
+    ) -> Batch:
+        """One pipeline call on `prompts` (a fresh `_Run` each time: causal runs repeat it).
+
+        With `autograd` the call lets gradients through (for end-to-end fitting): diffusers
+        pipelines decorate `__call__` with `torch.no_grad`, so the undecorated one is called.
+        """
+        pipe = _with_autograd(self.pipe) if autograd else self.pipe
 
         # SD wants a list of negative prompts with a list of prompts.
         arguments = {
@@ -94,7 +103,7 @@ class Collector:
             run = self.local.run = _Run(len(prompts), set(self.at_steps), set(self.encoders))
             try:
                 generator = torch.Generator("cpu").manual_seed(seed)
-                self.pipe(prompt=prompts, generator=generator, output_type="latent", **arguments)
+                pipe(prompt=prompts, generator=generator, output_type="latent", **arguments)
             except _Finished:
                 if getattr(self.pipe, "_current_timestep", None) is not None:
                     self.pipe._current_timestep = None  # as FLUX leaves it after a full call
@@ -155,6 +164,11 @@ class Collector:
                 run.encoders.discard(name)
 
         return hook
+
+
+def _with_autograd(pipe: Any) -> Any:
+    """`pipe.__call__` without its `torch.no_grad` (or any other) decorator, bound to `pipe`."""
+    return functools.partial(inspect.unwrap(type(pipe).__call__), pipe)
 
 
 def real_tokens(input_ids: torch.Tensor, eos: int) -> torch.Tensor:

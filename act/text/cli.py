@@ -1,4 +1,4 @@
-"""The command line: `python -m act demo | fit-text | generate`.
+"""The command line: `python -m act demo | fit-text | generate | export`.
 
 Bad input (a missing or empty file, a model that cannot be loaded, a transport fitted on
 another model, a strength that is not finite) ends with a one-line message on stderr and
@@ -18,10 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from ..end_to_end import INITS, EndToEnd
 from ..errors import ActError
+from ..maps import END_TO_END, TRANSPORT_METHODS
+from .export import HELP as EXPORT_HELP
+from .export import add_export_command, run_export
 from .goals import GOALS, Goal, goal
 
 USAGE_ERROR = 2
+END_TO_END_OPTIONS = ("steps", "learning_rate", "sparsity", "init", "seed")
 DEFAULT_THREADS = 1
 _THREADS_HELP = (
     "CPU threads for torch (default: 1, the fastest measured for SmolLM2 on 2 shared cores; "
@@ -31,6 +36,7 @@ COMMANDS = {
     "demo": "detoxify and steer the built-in SmolLM2 with the shipped sentences",
     "fit-text": "fit a transport from two sentence files",
     "generate": "generate text, steered by a transport",
+    "export": EXPORT_HELP,
 }
 
 
@@ -71,7 +77,7 @@ def read_lines(path: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of `python -m act` and its three commands."""
+    """The parser of `python -m act` and its four commands."""
     listing = "; ".join(f"{name}: {text}" for name, text in COMMANDS.items())
     parser = _Parser(
         prog="python -m act",
@@ -100,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--layers", help="preset or regex (default: the goal's, the preset llm)")
     fit.add_argument(
         "--method",
-        choices=["linear", "mean", "gaussian"],
-        help="linear (Linear-AcT), mean (Mean-AcT: a shift) or gaussian (default: the goal's)",
+        choices=list(TRANSPORT_METHODS),
+        help="linear (Linear-AcT), mean (Mean-AcT: a shift), gaussian, or end-to-end (the same "
+        "maps trained jointly through the model; slower, for few sentences) (default: the "
+        "goal's)",
     )
     fit.add_argument(
         "--pooling",
@@ -111,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--support", help="range, all or qNN, e.g. q05 (default: the goal's)")
     fit.add_argument("--causal", action="store_true", help="estimate layer after layer")
+    _end_to_end_arguments(fit)
     fit.add_argument("--out", required=True, help="transport file to write (.safetensors)")
 
     gen = commands.add_parser("generate", help=COMMANDS["generate"])
@@ -137,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=1.2, help="1: none (default: 1.2)")
     gen.add_argument("--chat", action="store_true", help="use the chat template")
     gen.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_export_command(commands)
     return parser
 
 
@@ -147,6 +157,45 @@ def _describe(chosen: Goal) -> str:
         f"{chosen.method.capitalize()}-AcT, {pooling} samples, support '{chosen.support}', "
         f"layers '{chosen.layers}'"
     )
+
+
+def _end_to_end_arguments(parser: argparse.ArgumentParser) -> None:
+    """The settings of method end-to-end (`act.end_to_end.EndToEnd`)."""
+    defaults = EndToEnd()
+    parser.add_argument(
+        "--steps", type=int, help=f"end-to-end: optimisation steps (default: {defaults.steps})"
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        help=f"end-to-end: Adam's step size (default: {defaults.learning_rate:g})",
+    )
+    parser.add_argument(
+        "--sparsity",
+        type=float,
+        help="end-to-end: group-lasso strength that switches units off (default: 0, none)",
+    )
+    parser.add_argument(
+        "--init",
+        choices=list(INITS),
+        help=f"end-to-end: start from the identity or Linear-AcT's maps (default: {defaults.init})",
+    )
+    parser.add_argument(
+        "--seed", type=int, help="end-to-end: seed of the batches drawn per step (default: 0)"
+    )
+
+
+def end_to_end_settings(args: argparse.Namespace, method: str) -> dict:
+    """The end-to-end options given on the command line (an ActError with another method)."""
+    given = {
+        name: value for name in END_TO_END_OPTIONS if (value := getattr(args, name)) is not None
+    }
+    if given and method != END_TO_END:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise ActError(f"{flags} apply to --method end-to-end only, not to {method}")
+    finite(given.get("learning_rate"), "--learning-rate")
+    finite(given.get("sparsity"), "--sparsity")
+    return given
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -182,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_demo(args.concept, args.rows)
         elif args.command == "fit-text":
             fit_text_command(args)
+        elif args.command == "export":
+            run_export(args)
         else:
             generate_command(args)
     except (ActError, OSError) as error:
@@ -205,6 +256,11 @@ def fit_text_command(args: argparse.Namespace) -> None:
     options.update({name: value for name in options if (value := getattr(args, name)) is not None})
     support = options["support"]
     Support.parse(support)
+    options.update(end_to_end_settings(args, options["method"]))
+    if args.causal and options["method"] == END_TO_END:
+        raise ActError(
+            "--causal does not apply to --method end-to-end (it trains every layer jointly)"
+        )
     at_least_one(args.batch_size, "--batch-size")
     if not args.out.endswith(".safetensors"):
         raise ActError(f"--out {args.out!r} must end with .safetensors")
@@ -218,6 +274,12 @@ def fit_text_command(args: argparse.Namespace) -> None:
     )  # fmt: skip
     transport.save(args.out)
     print(transport.summary())
+    if transport.method == END_TO_END:
+        loss = transport.info[END_TO_END]["loss"]
+        print(
+            f"loss (summed W2^2 / scale^2 over layers): plain model {loss['plain']:.4g}, "
+            f"start {loss['start']:.4g}, fitted {loss['fitted']:.4g}"
+        )
     print(f"fitted in {time.perf_counter() - start:.1f} s; saved {args.out}")
 
 

@@ -3,11 +3,14 @@ activations of a causal LM.
 
 Sentences are tokenized without a chat template, left-padded into batches, and every hooked
 output is pooled with the mean over the real tokens (the attention mask), as in the paper.
-The default layers are the family's preset (`llm`, see `act.text.presets`).
+The default layers are the family's preset (`llm`, see `act.text.presets`). `fit_text` with
+method "end-to-end" trains the maps of all layers jointly through the model instead
+(`act.end_to_end`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -18,7 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..collection import collect
+from ..end_to_end import EndToEnd, fit_end_to_end
 from ..errors import ActError
+from ..maps import END_TO_END
 from ..recording import DEFAULT_MAX_TOKENS
 from ..samples import Batch, Samples
 from ..selection import select_modules
@@ -125,14 +130,13 @@ def collect_text(
             function called as `progress(done, total)` instead (it may raise to cancel).
         info: free-form fields stored in the transport fitted from the samples.
     """
-    for side, texts in (("source", source), ("target", target)):
-        if len(texts) < 2:
-            raise ActError(
-                f"{side} needs at least 2 sentences to fit a transport, got {len(texts)}"
-            )
-    sites = select_modules(model, layers, family="text")
-    batches = sentence_batches(
-        model, tokenizer, source, target, batch_size=batch_size, max_length=max_length
+    if method == END_TO_END:
+        raise ActError(
+            "method 'end-to-end' trains the maps through the model rather than fitting them "
+            "from samples; use fit_text(..., method='end-to-end')"
+        )
+    sites, batches = _sites_and_batches(
+        model, tokenizer, source, target, layers, batch_size, max_length
     )
     counts = {"source_sentences": len(source), "target_sentences": len(target)}
     options = {
@@ -157,6 +161,28 @@ def collect_text(
         )
 
 
+def _sites_and_batches(
+    model: nn.Module,
+    tokenizer: Any,
+    source: Sequence[str],
+    target: Sequence[str],
+    layers: str | Sequence[str],
+    batch_size: int,
+    max_length: int,
+) -> tuple[list[str], list[Batch]]:
+    """The selected sites and the sentences' batches (at least 2 sentences a side)."""
+    for side, texts in (("source", source), ("target", target)):
+        if len(texts) < 2:
+            raise ActError(
+                f"{side} needs at least 2 sentences to fit a transport, got {len(texts)}"
+            )
+    sites = select_modules(model, layers, family="text")
+    batches = sentence_batches(
+        model, tokenizer, source, target, batch_size=batch_size, max_length=max_length
+    )
+    return sites, batches
+
+
 def fit_text(
     model: nn.Module,
     tokenizer: Any,
@@ -165,14 +191,80 @@ def fit_text(
     *,
     method: str = "linear",
     support: str = "range",
+    end_to_end: EndToEnd | None = None,
     **options: Any,
 ) -> Transport:
     """Collect samples (see `collect_text`, which takes the other options) and fit them.
 
+    With method "end-to-end" the maps are trained jointly through the model instead (see
+    `fit_text_end_to_end`, which takes `end_to_end` or the settings' names as options:
+    `steps`, `learning_rate`, `sparsity`, `seed`, `init`, `batches_per_step`).
+
     Returns:
         A transport carrying the model's fingerprint, to use with `act.steer(model, ...)`.
     """
+    chosen = {name: options.pop(name) for name in EndToEnd.__dataclass_fields__ if name in options}
+    if method == END_TO_END:
+        if options.pop("causal", False):
+            raise ActError(
+                "causal: method 'end-to-end' trains every layer jointly; causal estimation "
+                "applies to the methods fitted from samples"
+            )
+        settings = dataclasses.replace(end_to_end or EndToEnd(), **chosen)
+        return fit_text_end_to_end(
+            model, tokenizer, source, target, settings, support=support, **options
+        )
+    if chosen or end_to_end is not None:
+        names = ", ".join(chosen) or "end_to_end"
+        raise ActError(f"{names}: options of method 'end-to-end', not of {method!r}")
     samples = collect_text(
         model, tokenizer, source, target, method=method, support=support, **options
     )
     return samples.fit(method, support)
+
+
+def fit_text_end_to_end(
+    model: nn.Module,
+    tokenizer: Any,
+    source: Sequence[str],
+    target: Sequence[str],
+    settings: EndToEnd | None = None,
+    *,
+    layers: str | Sequence[str] = "llm",
+    support: str = "range",
+    batch_size: int = 16,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    pooling: str = "mean",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    progress: bool | Callable[[int, int, float], None] = True,
+    info: dict | None = None,
+) -> Transport:
+    """Train the maps of the selected layers jointly, end to end (`act.end_to_end`).
+
+    The options are `collect_text`'s; `progress` shows a bar of the steps with the loss, or is
+    called as `progress(step, steps, loss)` (it may raise to cancel: the model is left as it
+    was and nothing is returned).
+    """
+    sites, batches = _sites_and_batches(
+        model, tokenizer, source, target, layers, batch_size, max_length
+    )
+    counts = {"source_sentences": len(source), "target_sentences": len(target)}
+    options = {
+        "support": support,
+        "pooling": pooling,
+        "max_tokens": max_tokens,
+        "info": {**counts, **(info or {})},
+    }
+    settings = settings or EndToEnd()
+    if callable(progress):
+        return fit_end_to_end(model, sites, batches, settings, progress=progress, **options)
+    with tqdm(
+        total=settings.steps, desc="fitting end to end", unit="step", disable=not progress,
+        leave=False,
+    ) as bar:  # fmt: skip
+
+        def show(step: int, steps: int, loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(step - bar.n)
+
+        return fit_end_to_end(model, sites, batches, settings, progress=show, **options)
