@@ -52,6 +52,7 @@ def pack():
             [str(base / "models" / name)],
             {".safetensors"},
         )
+        folder_paths.filename_list_cache.pop(name, None)  # it would list the old folder
     load_pack()
     extension = importlib.import_module(f"{PACK}.nodes.extension")
     nodes = {node.define_schema().node_id: node for node in extension.NODES}
@@ -60,6 +61,7 @@ def pack():
     errors = importlib.import_module(f"{PACK}.act.errors")  # the pack's own ActError
     yield SimpleNamespace(nodes=nodes, comfy=comfy_nodes, base=base, error=errors.ActError)
     for name, value in saved.items():
+        folder_paths.filename_list_cache.pop(name, None)
         if value is not None:
             folder_paths.folder_names_and_paths[name] = value
     shutil.rmtree(base, ignore_errors=True)

@@ -70,6 +70,8 @@ class Config:
     cond_only: bool = True
     unet_steps: tuple[float, float] = (0.0, 1.0)
     causal: bool = False
+    fit_count: int | None = None  # prompts per side; None: the run's --fit-count
+    end_to_end: act.EndToEnd | None = None  # method "end-to-end": its settings (None: defaults)
 
     @property
     def label(self) -> str:
@@ -84,6 +86,11 @@ class Config:
             parts.append(f"UNet steps {self.unet_steps[0]:g}–{self.unet_steps[1]:g}")
         if self.causal:
             parts.append("causal")
+        if self.end_to_end is not None:
+            chosen = self.end_to_end
+            parts.append(f"{chosen.steps} steps, lr {chosen.learning_rate:g}")
+        if self.fit_count is not None:
+            parts.append(f"from {self.fit_count} + {self.fit_count}")
         return ", ".join(parts)
 
 
@@ -99,6 +106,19 @@ def variants(default: Config) -> list[Config]:
         replace(default, where="text_encoder"),
         replace(default, support="range" if default.support == "all" else "all"),
         replace(default, unet_steps=(0.0, 0.5)),
+    ]
+
+
+def fit_comparison(
+    default: Config, few: int = 32, end_to_end: act.EndToEnd | None = None
+) -> list[Config]:
+    """The default from the run's prompts, and from `few` + `few` prompts: closed form,
+    causal, and end to end (with `end_to_end`'s settings; None: the defaults)."""
+    return [
+        default,
+        replace(default, fit_count=few),
+        replace(default, causal=True, fit_count=few),
+        replace(default, method="end-to-end", fit_count=few, end_to_end=end_to_end),
     ]
 
 
@@ -227,17 +247,24 @@ def fit(pipe, config: Config, source: list[str], target: list[str], cache: dict)
     both components (the UNet's samples do not depend on the text encoder's maps when
     nothing is applied)."""
     options = dict(guidance_scale=GUIDANCE, num_inference_steps=STEPS, progress=False)
+    if config.method == "end-to-end":
+        return act.fit_pipeline(
+            pipe, source, target, where=config.where, method="end-to-end",
+            support=config.support, pooling=config.pooling, batch_size=64,
+            end_to_end=config.end_to_end, **options,
+        )  # fmt: skip
     if config.causal:
         return act.fit_pipeline(
             pipe, source, target, where=config.where, method=config.method,
             support=config.support, causal=True, pooling=config.pooling, batch_size=64,
             **options,
         )  # fmt: skip
-    if config.pooling not in cache:
-        cache[config.pooling] = act.collect_pipeline(
+    key = (config.pooling, len(source))
+    if key not in cache:
+        cache[key] = act.collect_pipeline(
             pipe, source, target, where="both", pooling=config.pooling, batch_size=64, **options
         )
-    transport = cache[config.pooling].fit(config.method, config.support)
+    transport = cache[key].fit(config.method, config.support)
     if config.where == "both":
         return transport
     prefix = "unet." if config.where == "unet" else "text_encoder."
@@ -292,8 +319,9 @@ def run_task(
     plain = spec.scores(generate(pipe, texts), records)  # λ = 0 is the plain pipeline
     cache: dict = {}
     for config in configs or variants(spec.default):
+        few = config.fit_count or fit_count
         tick = time.perf_counter()
-        transport = fit(pipe, config, source, target, cache)
+        transport = fit(pipe, config, source[:few], target[:few], cache)
         fit_seconds = time.perf_counter() - tick
         for strength in strengths or spec.strengths:
             if strength == 0:
@@ -373,13 +401,26 @@ def main() -> None:
     parser.add_argument("--grids", type=Path, help="folder for <task>.png picture grids")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see train.py)")
+    parser.add_argument(
+        "--compare-fits",
+        action="store_true",
+        help="instead of the variants: the default from --fit-count prompts against Linear-AcT, "
+        "causal and end-to-end fits from 32 + 32",
+    )
+    parser.add_argument("--steps", type=int, help="--compare-fits: end-to-end steps (default 50)")
+    parser.add_argument("--learning-rate", type=float, help="--compare-fits: end-to-end rate")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     rows = []
     for task in args.tasks:
         strengths = tuple(args.strengths) if args.strengths else None
-        rows += run_task(pipe, task, args.fit_count, args.count, strengths, args.prompts)
+        chosen = {"steps": args.steps, "learning_rate": args.learning_rate}
+        settings = act.EndToEnd(**{k: v for k, v in chosen.items() if v is not None})
+        configs = (
+            fit_comparison(TASKS[task].default, end_to_end=settings) if args.compare_fits else None
+        )
+        rows += run_task(pipe, task, args.fit_count, args.count, strengths, args.prompts, configs)
         if args.grids:
             args.grids.mkdir(parents=True, exist_ok=True)
             picture_grid(pipe, task, args.grids / f"shapes_{task}.png")
