@@ -30,6 +30,7 @@ and restored afterwards; its weights are never written.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Iterator, Sequence
@@ -97,6 +98,41 @@ class EndToEnd:
             raise ActError(f"sparsity must be a number >= 0 (0: none), got {self.sparsity!r}")
         if self.init not in INITS:
             raise ActError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
+
+
+def settings_from_options(
+    method: str,
+    given: EndToEnd | None,
+    options: dict,
+    *,
+    parts: str = "site",
+    seed_name: str = "seed",
+) -> EndToEnd | None:
+    """The end-to-end settings of a front end's fit call, taken out of its keyword `options`.
+
+    `given` is an `EndToEnd` passed as such; the settings may also come by name among
+    `options` (popped from it), the seed under `seed_name` where the front end's own `seed`
+    means something else. Returns the settings for method "end-to-end", else None.
+
+    Raises:
+        ActError: `causal` with method "end-to-end" (it trains every `parts` jointly), or
+            end-to-end settings given with another method.
+    """
+    names = {name: name for name in EndToEnd.__dataclass_fields__ if name != "seed"}
+    names[seed_name] = "seed"
+    chosen = {name: options.pop(name) for name in names if name in options}
+    if method != END_TO_END:
+        if chosen or given is not None:
+            shown = ", ".join(chosen) or "end_to_end"
+            raise ActError(f"{shown}: options of method 'end-to-end', not of {method!r}")
+        return None
+    if options.pop("causal", False):
+        raise ActError(
+            f"causal: method 'end-to-end' trains every {parts} jointly; causal estimation "
+            "applies to the methods fitted from samples"
+        )
+    fields = {names[name]: value for name, value in chosen.items()}
+    return dataclasses.replace(given or EndToEnd(), **fields)
 
 
 def _whole(value: object, name: str, least: int | None) -> None:

@@ -12,7 +12,6 @@ the same calls instead (`act.end_to_end`). Steering lives in `act.diffusers.stee
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from ..collection import collect
-from ..end_to_end import EndToEnd, fit_end_to_end
+from ..end_to_end import EndToEnd, fit_end_to_end, settings_from_options
 from ..errors import ActError
 from ..maps import END_TO_END
 from ..recording import DEFAULT_MAX_TOKENS
@@ -280,32 +279,16 @@ def fit_pipeline(
         A transport whose module names are the pipeline's own, prefixed by component, and
         whose info carries the pipeline's fingerprint.
     """
-    chosen = _end_to_end_options(options)
-    if method == END_TO_END:
-        if options.pop("causal", False):
-            raise ActError(
-                "causal: method 'end-to-end' trains every site jointly; causal estimation "
-                "applies to the methods fitted from samples"
-            )
-        settings = dataclasses.replace(options.pop("end_to_end", None) or EndToEnd(), **chosen)
+    given = options.pop("end_to_end", None)
+    settings = settings_from_options(method, given, options, seed_name="fit_seed")
+    if settings is not None:
         return fit_pipeline_end_to_end(
             pipe, source_prompts, target_prompts, settings, support=support, **options
         )
-    if chosen or "end_to_end" in options:
-        names = ", ".join(chosen) or "end_to_end"
-        raise ActError(f"{names}: options of method 'end-to-end', not of {method!r}")
     samples = collect_pipeline(
         pipe, source_prompts, target_prompts, method=method, support=support, **options
     )
     return samples.fit(method, support)
-
-
-def _end_to_end_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Pop the end-to-end settings given by name (`fit_seed` is the settings' `seed`: `seed`
-    seeds the pipeline's noise)."""
-    names = {name: name for name in EndToEnd.__dataclass_fields__ if name != "seed"}
-    names["fit_seed"] = "seed"
-    return {field: options.pop(name) for name, field in names.items() if name in options}
 
 
 def fit_pipeline_end_to_end(

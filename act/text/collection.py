@@ -10,7 +10,6 @@ method "end-to-end" trains the maps of all layers jointly through the model inst
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..collection import collect
-from ..end_to_end import EndToEnd, fit_end_to_end
+from ..end_to_end import EndToEnd, fit_end_to_end, settings_from_options
 from ..errors import ActError
 from ..maps import END_TO_END
 from ..recording import DEFAULT_MAX_TOKENS
@@ -135,17 +134,16 @@ def collect_text(
             "method 'end-to-end' trains the maps through the model rather than fitting them "
             "from samples; use fit_text(..., method='end-to-end')"
         )
-    sites, batches = _sites_and_batches(
-        model, tokenizer, source, target, layers, batch_size, max_length
+    sites, batches, info = _sites_and_batches(
+        model, tokenizer, source, target, layers, batch_size, max_length, info
     )
-    counts = {"source_sentences": len(source), "target_sentences": len(target)}
     options = {
         "causal": causal,
         "method": method,
         "support": support,
         "pooling": pooling,
         "max_tokens": max_tokens,
-        "info": {**counts, **(info or {})},
+        "info": info,
     }
     if callable(progress):
         return collect(model, sites, batches, progress=progress, **options)
@@ -169,8 +167,10 @@ def _sites_and_batches(
     layers: str | Sequence[str],
     batch_size: int,
     max_length: int,
-) -> tuple[list[str], list[Batch]]:
-    """The selected sites and the sentences' batches (at least 2 sentences a side)."""
+    info: dict | None,
+) -> tuple[list[str], list[Batch], dict]:
+    """The selected sites, the sentences' batches (at least 2 sentences a side), and the
+    transport's info: the sentence counts and `info`."""
     for side, texts in (("source", source), ("target", target)):
         if len(texts) < 2:
             raise ActError(
@@ -180,7 +180,8 @@ def _sites_and_batches(
     batches = sentence_batches(
         model, tokenizer, source, target, batch_size=batch_size, max_length=max_length
     )
-    return sites, batches
+    counts = {"source_sentences": len(source), "target_sentences": len(target)}
+    return sites, batches, {**counts, **(info or {})}
 
 
 def fit_text(
@@ -203,20 +204,11 @@ def fit_text(
     Returns:
         A transport carrying the model's fingerprint, to use with `act.steer(model, ...)`.
     """
-    chosen = {name: options.pop(name) for name in EndToEnd.__dataclass_fields__ if name in options}
-    if method == END_TO_END:
-        if options.pop("causal", False):
-            raise ActError(
-                "causal: method 'end-to-end' trains every layer jointly; causal estimation "
-                "applies to the methods fitted from samples"
-            )
-        settings = dataclasses.replace(end_to_end or EndToEnd(), **chosen)
+    settings = settings_from_options(method, end_to_end, options, parts="layer")
+    if settings is not None:
         return fit_text_end_to_end(
             model, tokenizer, source, target, settings, support=support, **options
         )
-    if chosen or end_to_end is not None:
-        names = ", ".join(chosen) or "end_to_end"
-        raise ActError(f"{names}: options of method 'end-to-end', not of {method!r}")
     samples = collect_text(
         model, tokenizer, source, target, method=method, support=support, **options
     )
@@ -245,15 +237,14 @@ def fit_text_end_to_end(
     called as `progress(step, steps, loss)` (it may raise to cancel: the model is left as it
     was and nothing is returned).
     """
-    sites, batches = _sites_and_batches(
-        model, tokenizer, source, target, layers, batch_size, max_length
+    sites, batches, info = _sites_and_batches(
+        model, tokenizer, source, target, layers, batch_size, max_length, info
     )
-    counts = {"source_sentences": len(source), "target_sentences": len(target)}
     options = {
         "support": support,
         "pooling": pooling,
         "max_tokens": max_tokens,
-        "info": {**counts, **(info or {})},
+        "info": info,
     }
     settings = settings or EndToEnd()
     if callable(progress):
