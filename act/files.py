@@ -15,6 +15,7 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import TransportFileError
@@ -38,18 +39,33 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
     Raises:
         OSError: the folder cannot be created or written; the target is left as it was.
     """
+    with atomic_file(path) as temporary, open(temporary, "wb") as file:
+        file.write(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary file next to `path` to write; when the block ends it is
+    flushed to disk and renamed over `path` (see the module docstring), or removed if the
+    block raised. Creates the folder.
+
+    Raises:
+        OSError: the folder cannot be created or written; the target is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path.parent)
     temporary = path.parent / f"{TEMPORARY_PREFIX}{secrets.token_hex(4)}{TEMPORARY_SUFFIX}"
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
+        yield temporary
+        handle = os.open(temporary, os.O_RDONLY)
+        try:
             with contextlib.suppress(FileNotFoundError):
-                os.chmod(file.fileno(), stat.S_IMODE(path.stat().st_mode))
-            os.fsync(file.fileno())
+                os.chmod(handle, stat.S_IMODE(path.stat().st_mode))
+            os.fsync(handle)
+        finally:
+            os.close(handle)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -128,6 +128,8 @@ DETOX = {
     "mean-tokens-late10": Config("mean", "tokens", layers=LATE_10),
     "linear-all": Config("linear", support="all"),  # foldable: exports as a merged model
     "mean-all": Config("mean", support="all"),
+    # exports as a llama.cpp control vector
+    "mean-blocks-all": Config("mean", support="all", layers="block-outputs"),
     "linear-causal": Config("linear", causal=True),
     "mean-causal": Config("mean", causal=True),
     "end-to-end": Config("end-to-end", end_to_end=EndToEnd()),

@@ -21,8 +21,8 @@ from typing import NoReturn
 from ..end_to_end import INITS, EndToEnd
 from ..errors import ActError
 from ..maps import END_TO_END, TRANSPORT_METHODS
-from .export import HELP as EXPORT_HELP
-from .export import add_export_command, run_export
+from .export_cli import HELP as EXPORT_HELP
+from .export_cli import add_export_command, run_export
 from .goals import GOALS, Goal, goal
 
 USAGE_ERROR = 2

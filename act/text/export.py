@@ -1,4 +1,4 @@
-"""Exporting a steered causal LM as a plain transformers folder, and `python -m act export`.
+"""Exporting a steered causal LM as a plain transformers folder.
 
 The transport is folded into the weights (`act.bake`) and the model saved with
 `save_pretrained` (safetensors): `AutoModelForCausalLM.from_pretrained(folder)` loads it
@@ -11,9 +11,7 @@ switch covers, never through a custom class. Maps with support bounds and RMSNor
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import math
 import secrets
 import shutil
 import tempfile
@@ -34,12 +32,10 @@ from ..transport import Transport
 
 # config switches that give an architecture's Linear layers biases (Llama, Mistral, Qwen3...)
 BIAS_SWITCHES = ("attention_bias", "mlp_bias")
-COMMAND = "export"
 REMEDY = (
     "refit it with support 'all' (python -m act fit-text ... --support all) to export it, "
     "or steer with hooks (python -m act generate)"
 )
-HELP = "write the model with a transport folded into its weights, as a transformers folder"
 
 
 @dataclass(frozen=True)
@@ -99,36 +95,6 @@ def export_causal_lm(
     return CausalLMExport(target, strength, switches)
 
 
-def add_export_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `export` to the subcommands of `python -m act`."""
-    parser = subparsers.add_parser(COMMAND, help=HELP)
-    parser.add_argument("--model", default="smollm2", help="smollm2 (default) or a path")
-    parser.add_argument("--transport", required=True, help="transport file from fit-text")
-    parser.add_argument("--strength", type=float, help="default: the file's (usually 1)")
-    parser.add_argument("--out", required=True, help="folder to write (a transformers model)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
-    return parser
-
-
-def run_export(args: argparse.Namespace) -> None:
-    """`export`: load the model and the transport, fold, save; prints what was written."""
-    from .models import load_causal_lm
-
-    if args.strength is not None and not math.isfinite(args.strength):
-        raise ActError(f"--strength must be a finite number, got {args.strength!r}")
-    transport = Transport.load(args.transport)
-    strength = transport.default_strength if args.strength is None else args.strength
-    check_target(args.out, args.overwrite)
-    refuse_bounds(transport, REMEDY)
-    model, tokenizer = load_causal_lm(args.model, device=args.device)
-    written = export_causal_lm(
-        model, tokenizer, transport, args.out, strength, overwrite=args.overwrite
-    )
-    print(written.summary(len(transport.maps)))
-
-
 @contextlib.contextmanager
 def _biases_for(model: Any, transport: Transport) -> Iterator[list[str]]:
     """While open, the model has the biases its hooked Linear layers lack, added through
@@ -137,7 +103,7 @@ def _biases_for(model: Any, transport: Transport) -> Iterator[list[str]]:
     needed = [
         name
         for name in dict.fromkeys(split_site(site)[0] for site in transport.sites)
-        if _lacks_bias(resolve_module(model, name))
+        if lacks_bias(resolve_module(model, name))
     ]
     if not needed:
         yield []
@@ -145,29 +111,39 @@ def _biases_for(model: Any, transport: Transport) -> Iterator[list[str]]:
     switches, names = _bias_switches(model, needed)
     config = model.config
     saved = {switch: getattr(config, switch) for switch in switches}
+    try:
+        with zero_biases([model.get_submodule(name) for name in sorted(names)]):
+            for switch in switches:
+                setattr(config, switch, True)
+            _check_loadable(model)
+            yield switches
+    finally:
+        for switch, value in saved.items():
+            setattr(config, switch, value)
+
+
+@contextlib.contextmanager
+def zero_biases(modules: list[nn.Module]) -> Iterator[None]:
+    """While open, every Linear among `modules` that has no bias has a zero one (same dtype,
+    device and `requires_grad` as its weight). **Mutates** them until the block ends."""
     added: list[nn.Linear] = []
     try:
-        for name in names:
-            module = model.get_submodule(name)
-            if module.bias is None:
+        for module in modules:
+            if lacks_bias(module):
                 weight = module.weight
                 module.bias = nn.Parameter(
                     torch.zeros(module.out_features, dtype=weight.dtype, device=weight.device),
                     requires_grad=weight.requires_grad,
                 )
                 added.append(module)
-        for switch in switches:
-            setattr(config, switch, True)
-        _check_loadable(model)
-        yield switches
+        yield
     finally:
         for module in added:
             module.bias = None
-        for switch, value in saved.items():
-            setattr(config, switch, value)
 
 
-def _lacks_bias(module: nn.Module) -> bool:
+def lacks_bias(module: nn.Module) -> bool:
+    """Whether `module` is a Linear layer without a bias."""
     return isinstance(module, nn.Linear) and module.bias is None
 
 

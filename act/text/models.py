@@ -52,6 +52,17 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def gguf_source(name: str | os.PathLike, gguf_file: str | None = None) -> Path | None:
+    """The GGUF file `load_causal_lm(name, gguf_file=...)` reads weights from, or None when it
+    loads a transformers folder or cache entry."""
+    name = str(name)
+    if name == BUILTIN:
+        return smollm2_gguf()
+    if gguf_file is not None:
+        return Path(name) / gguf_file
+    return Path(name) if name.endswith(".gguf") else None
+
+
 def load_causal_lm(
     name: str | os.PathLike,
     *,

@@ -6,7 +6,8 @@ Llama-like models (Llama, SmolLM2, Qwen2, Mistral): the attention outputs
 measured on SmolLM2 against every layer's attention output, the norms and the MLP outputs, see
 the README), or of every layer (`attention-output`, the paper's choice for Llama-3-8B);
 Gemma-2 the post-attention and post-feed-forward norms (the paper's choice); GPT-2 the `ln_*`
-norms. The preset `llm` picks by `config.model_type`.
+norms. `block-outputs` is the residual stream (every decoder layer's output but the first), what
+a llama.cpp control vector steers. The preset `llm` picks by `config.model_type`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ActError
-from ..selection import PRESETS, preset_names, register_preset
+from ..selection import PRESETS, preset_names, register_preset, select_modules
 
 ATTENTION_OUTPUT = [r"model\.layers\.\d+\.self_attn\.o_proj"]
+BLOCK_OUTPUTS = [r"model\.layers\.\d+"]
 GEMMA2_POST_NORMS = [r"model\.layers\.\d+\.(post_attention_layernorm|post_feedforward_layernorm)"]
 GPT2_NORMS = [r"transformer\.h\.\d+\.ln_(1|2)", r"transformer\.ln_f"]
 
@@ -51,6 +53,11 @@ def late_attention_outputs(model: nn.Module) -> list[str]:
     return sites[len(sites) // 2 :]
 
 
+def later_block_outputs(model: nn.Module) -> list[str]:
+    """The outputs of every decoder layer `model.layers.N` but the first."""
+    return select_modules(model, BLOCK_OUTPUTS)[1:]
+
+
 register_preset(
     "attention-output",
     "Llama-like LMs (Llama, SmolLM2, Qwen2, Mistral): every layer's attention output o_proj",
@@ -61,6 +68,13 @@ register_preset(
     "attention-output-late",
     "Llama-like LMs: the attention outputs o_proj of the second half of the layers",
     late_attention_outputs,
+    family="text",
+)
+register_preset(
+    "block-outputs",
+    "Llama-like LMs: the output of every decoder layer but the first (the residual stream; "
+    "what a llama.cpp control vector steers)",
+    later_block_outputs,
     family="text",
 )
 register_preset(
