@@ -236,7 +236,8 @@ class _Hooks:
 
 @contextmanager
 def frozen(model: nn.Module) -> Iterator[None]:
-    """Turn off `requires_grad` on every parameter of `model`; restored on exit, also on error."""
+    """Turn off `requires_grad` on every parameter of `model`; restored on exit, also on error
+    (an inference tensor's flag, which only inference mode may turn on, is restored there)."""
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     try:
         for parameter, _ in flags:
@@ -244,7 +245,8 @@ def frozen(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for parameter, flag in flags:
-            parameter.requires_grad_(flag)
+            with torch.inference_mode(parameter.is_inference()):
+                parameter.requires_grad_(flag)
 
 
 def fit_end_to_end(

@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import ActError
@@ -60,8 +61,28 @@ def norm_sites(model: nn.Module) -> list[str]:
 
 
 def layer_norm_sites(model: nn.Module) -> list[str]:
-    """Every `nn.LayerNorm` (affine per-unit layers: the sites whose maps fold into weights)."""
+    """Every `nn.LayerNorm`, affine or not (`foldable_layer_norm_sites`: those that fold)."""
     return [name for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)]
+
+
+def folds_into_weights(module: nn.Module) -> bool:
+    """Whether a map with support "all" on the module's output folds exactly into its own
+    weights: an `nn.Linear` or `nn.LayerNorm` with a weight and a bias (see `act.baking`)."""
+    return (
+        isinstance(module, nn.Linear | nn.LayerNorm)
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and isinstance(getattr(module, "bias", None), torch.Tensor)
+    )
+
+
+def foldable_layer_norm_sites(model: nn.Module) -> list[str]:
+    """Every `nn.LayerNorm` with an affine weight and a bias (those without, such as the
+    DiTs' `elementwise_affine=False` norms, cannot hold a map)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.LayerNorm) and folds_into_weights(module)
+    ]
 
 
 register_preset(

@@ -4,7 +4,8 @@ Builds a FLUX-shaped and an SD3-shaped diffusion model from ComfyUI's own classe
 weights: timing only, at a width a CPU can run), then prints, per model, ratios measured in
 one process: a KSampler step steered by Apply AcT ("auto" layers, support "all") / the same
 step unsteered (median of alternating pairs), and Collect Activations for N + N prompts / the
-same number of plain one-step samplings. Needs COMFYUI_PATH (a ComfyUI checkout) and a Python
+same number of plain one-step samplings; with `--end-to-end STEPS`, an end-to-end fit on the
+SD3-shaped model (time per step, memory). Needs COMFYUI_PATH (a ComfyUI checkout) and a Python
 with ComfyUI's requirements. Run: `COMFYUI_PATH=... python bench/comfyui.py` (`--quick`).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -118,12 +120,51 @@ def bench(nodes, kind: str, prompts: int, pairs: int, quick: bool) -> None:
     )
 
 
+def bench_end_to_end(nodes, prompts: int, steps: int, quick: bool) -> None:
+    """Fit Transport's method end-to-end on the SD3-shaped model, loaded and run under
+    inference mode as ComfyUI does: time per training step against the collection, and the
+    peak memory it adds against the size of the weights (it holds a copy of them)."""
+    with torch.inference_mode():
+        model, clip = build("sd3", quick), tiny_clip()
+    size = 8 if quick else 32
+    source = "\n".join(SUBJECTS[i % len(SUBJECTS)] + f", view {i}" for i in range(prompts))
+    target = "\n".join(line + ", watercolor painting" for line in source.splitlines())
+    arguments = dict(
+        model=model, clip=clip, source_prompts=source, target_prompts=target,
+        where="diffusion model", layers="auto", seed=0, width=8 * size, height=8 * size,
+        steps=1, batch_size=4, causal=False, method="linear", support="all", cache="off",
+    )  # fmt: skip
+    with torch.inference_mode():
+        start = time.perf_counter()
+        samples = nodes["AcTCollectActivations"].execute(**arguments).result[0]
+        collect_time = time.perf_counter() - start
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        start = time.perf_counter()
+        output = nodes["AcTFitTransport"].execute(
+            samples=samples, method="end-to-end", support="all", training_steps=steps
+        )
+        fit_time = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    weights = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
+    losses = output.result[0].info["end-to-end"]["loss"]
+    print(
+        f"sd3, end-to-end fit ({steps} steps, {prompts} + {prompts} prompts, batch 4, "
+        f"{len(samples.sites)} sites):\n  one training step / the collection: "
+        f"{fit_time / steps / collect_time:.2f} ({fit_time / steps:.1f} s / {collect_time:.1f} "
+        f"s); peak RSS {peak - before:+.0f} MB over the collection's, weights "
+        f"{weights / 2**20:.0f} MB; loss {losses['plain']:.3f} -> {losses['fitted']:.3f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, for a smoke run")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--prompts", type=int, default=8, help="source (= target) prompts")
     parser.add_argument("--pairs", type=int, default=11, help="timed pairs per ratio")
+    parser.add_argument(
+        "--end-to-end", type=int, metavar="STEPS", help="also time an end-to-end fit (SD3)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = temporary_base()
@@ -134,6 +175,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), ComfyUI on the CPU")
     for kind in ("flux", "sd3"):
         bench(nodes, kind, args.prompts, args.pairs, args.quick)
+    if args.end_to_end:
+        bench_end_to_end(nodes, args.prompts, args.end_to_end, args.quick)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from .collection import (
     describe_models,
     never_ran_error,
 )
+from .end_to_end import AttachedSamples, Replay
 from .identity import clip_identity, model_identity
 from .presets import LAYER_CHOICES
 from .prompts import parse_prompts
@@ -101,7 +102,7 @@ class CollectActivations(io.ComfyNode):
                     "layers",
                     options=LAYER_CHOICES,
                     default="auto",
-                    tooltip="auto: all norm layers of UNets (SD1.5, SDXL) and text encoders; both streams of FLUX's double blocks and the first half of its single blocks; the outputs of every block of other DiTs (SD3, Qwen-Image, Lumina2, Wan, ...), found by a short dry run. The node's text lists what was chosen. 'layer norms only' can be baked.",
+                    tooltip="auto: all norm layers of UNets (SD1.5, SDXL) and text encoders; both streams of FLUX's double blocks and the first half of its single blocks; the outputs of every block of other DiTs (SD3, Qwen-Image, Lumina2, Wan, ...), found by a short dry run. The node's text lists what was chosen. 'exportable (folds into a LoRA)': only modules that AcT Export LoRA and AcT Bake fold completely (the affine LayerNorms of UNets and CLIP; in DiTs the Linear layers that write attention and MLP outputs to the tokens); fit it with support 'all' (Fit's default).",
                 ),
                 io.String.Input(
                     "layer_regex",
@@ -255,6 +256,11 @@ class CollectActivations(io.ComfyNode):
             "causal": [method, support] if causal else None,
             "pooling": [pooling, DEFAULT_MAX_TOKENS],
         }
+        size = (width, height, frames)
+        replay = Replay(
+            model, clip, where, layers, settings["layer_regex"], prompts, seed, size, steps,
+            batch_size, pooling, causal,
+        )  # fmt: skip
         store = _sample_cache(cache)
         key = cache_key(_key_parts(model, clip, prompts, settings)) if store else None
         if store and cache == "use":
@@ -265,8 +271,7 @@ class CollectActivations(io.ComfyNode):
                     f"({store.path(key)}; cache 'refresh' collects again)"
                     f"\nlayers ({layers}): {_sites_summary(cached.sites)}"
                 )
-                return io.NodeOutput(cached, ui=ui.PreviewText(summary))
-        size = (width, height, frames)
+                return io.NodeOutput(AttachedSamples.of(cached, replay), ui=ui.PreviewText(summary))
         root, sites = collection_root(model, clip, where, layers, layer_regex, size)
         if causal and where != "diffusion model":
             batch_size = 1  # text-encoder modules run once per prompt
@@ -317,7 +322,7 @@ class CollectActivations(io.ComfyNode):
             f"{samples.model_class}: {samples.summary()} in {seconds:.1f} s{note}"
             f"\nlayers ({layers}): {_sites_summary(sites)}"
         )
-        return io.NodeOutput(samples, ui=ui.PreviewText(summary))
+        return io.NodeOutput(AttachedSamples.of(samples, replay), ui=ui.PreviewText(summary))
 
 
 def _sample_cache(mode: str) -> SampleCache | None:

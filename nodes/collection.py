@@ -27,6 +27,7 @@ from torch import nn
 
 from ..act import ActError, Batch, ModulesNeverRanError
 from . import diffusion_model, text_encoder
+from .autograd_copies import AutogradCopies
 from .presets import resolve_layers, suggested_regex
 
 WHERE = ["diffusion model", "text encoder", "both"]
@@ -151,6 +152,7 @@ def collection_batches(
     steps: int,
     sites: Sequence[str] = (),
     progress: PromptProgress | None = None,
+    copies: AutogradCopies | None = None,
 ) -> list[Batch]:
     """One `act.Batch` per chunk of prompts of equal token length, sources first.
 
@@ -158,6 +160,10 @@ def collection_batches(
 
     `sites` (prefixed by part) tell which joint text + image blocks need their token split,
     and how many outputs each batch records, which `progress` counts.
+
+    With `copies` the batches let autograd through the diffusion model (for an end-to-end
+    fit): each denoising call runs with gradients enabled and the model's inference-tensor
+    weights swapped for `copies`.
     """
     diffusion = where in ("diffusion model", "both")
     text = where in ("text encoder", "both")
@@ -168,7 +174,9 @@ def collection_batches(
     for label, texts in prompts.items():
         first = 0
         for chunk in _chunks(clip, texts, batch_size):
-            steps_run = diffusion_model.FirstSteps(steps, denoiser_sites) if diffusion else None
+            steps_run = (
+                diffusion_model.FirstSteps(steps, denoiser_sites, copies) if diffusion else None
+            )
             indices = list(range(first, first + len(chunk)))
             batch = _BatchRun(model, clip, chunk, text, steps_run, seed, size, indices)
             expected = text_sites * len(chunk) + (len(denoiser_sites) * steps if diffusion else 0)

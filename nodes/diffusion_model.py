@@ -27,6 +27,7 @@ from torch import nn
 from ..act import ActError, Transport, steer
 from ..act.hooks import check_fingerprint, split_site
 from . import masking
+from .autograd_copies import AutogradCopies
 from .block_weights import block_groups, parse_block_weights, site_weights
 from .presets import is_flux
 
@@ -287,9 +288,12 @@ class FirstSteps:
     class Stop(Exception):
         """Ends sampling once the recorded steps are done."""
 
-    def __init__(self, steps: int, sites: list[str] | None = None) -> None:
+    def __init__(
+        self, steps: int, sites: list[str] | None = None, copies: AutogradCopies | None = None
+    ) -> None:
         self.steps = steps
         self.sites = list(sites or [])
+        self.copies = copies
         self.calls = 0
         self.kinds: list[int] = [0]
         self.split = TokenSplit(None, 0)
@@ -307,6 +311,9 @@ class FirstSteps:
         self.calls += 1
         with ExitStack() as stack:
             self.split.attach(diffusion, self.sites, stack)
+            if self.copies is not None:  # an end-to-end fit: gradients through this call
+                stack.enter_context(torch.enable_grad())
+                stack.enter_context(self.copies.usable(executor.class_obj))
             output = executor(*args, **kwargs)
         if self.calls >= self.steps:
             raise FirstSteps.Stop
@@ -336,6 +343,7 @@ class FirstSteps:
         `indices` number the prompts of the batch: prompt i gets the i-th noise of the seed
         whatever the batch size, so the samples do not depend on the batching.
         """
+        self.calls = 0  # a batch may run again (an end-to-end fit runs it every step)
         sampled = model.clone()
         sampled.add_wrapper_with_key(
             comfy.patcher_extension.WrappersMP.APPLY_MODEL, COLLECTION_KEY, self.wrapper

@@ -7,9 +7,13 @@ from dataclasses import replace
 
 from comfy_api.latest import io, ui
 
-from ..act.maps import METHODS
+from ..act import EndToEnd
+from ..act.maps import END_TO_END, TRANSPORT_METHODS
 from .collect import SUPPORTS
-from .types import CATEGORY, SEARCH_ALIASES, Samples, Transport
+from .end_to_end import fit_attached
+from .types import CATEGORY, SEARCH_ALIASES, Samples, Transport, shown_when
+
+DEFAULTS = EndToEnd()
 
 
 class FitTransport(io.ComfyNode):
@@ -24,19 +28,22 @@ class FitTransport(io.ComfyNode):
                 "fit transport",
                 "optimal transport",
                 "linear act",
+                "end-to-end",
+                "lineas",
             ],
             description=(
                 "Fits, for every unit of the collected layers, the optimal-transport map from "
-                "the source activations to the target ones (Linear-AcT). Connect the result "
-                "to AcT Apply or Save Transport."
+                "the source activations to the target ones (Linear-AcT), or trains all the "
+                "maps jointly through the model (end-to-end). Connect the result to AcT Apply "
+                "or Save Transport."
             ),
             inputs=[
                 Samples.Input("samples", tooltip="From Collect Activations."),
                 io.Combo.Input(
                     "method",
-                    options=list(METHODS),
+                    options=list(TRANSPORT_METHODS),
                     default="linear",
-                    tooltip="linear: Linear-AcT (the paper's method); mean: shift by the mean difference; gaussian: match mean and spread.",
+                    tooltip="linear: Linear-AcT (the paper's method); mean: shift by the mean difference; gaussian: match mean and spread; end-to-end: train the maps of all layers jointly through the model (LinEAS; from few prompts; runs the collection's sampler calls again for every training step, and holds a second copy of the steered model's weights meanwhile).",
                 ),
                 io.Combo.Input(
                     "support",
@@ -50,6 +57,55 @@ class FitTransport(io.ComfyNode):
                     optional=True,
                     tooltip="Stored in the transport file.",
                 ),
+                io.Int.Input(
+                    "training_steps",
+                    default=DEFAULTS.steps,
+                    min=1,
+                    max=2000,
+                    optional=True,
+                    extra_dict=shown_when("method", END_TO_END),
+                    tooltip="end-to-end: training steps; each runs every source batch forward and backward through the model.",
+                ),
+                io.Float.Input(
+                    "learning_rate",
+                    default=DEFAULTS.learning_rate,
+                    min=0.0001,
+                    max=1.0,
+                    step=0.001,
+                    optional=True,
+                    extra_dict=shown_when("method", END_TO_END),
+                    tooltip="end-to-end: Adam's step size (in units of each layer's scale).",
+                ),
+                io.Float.Input(
+                    "sparsity",
+                    default=DEFAULTS.sparsity,
+                    min=0.0,
+                    max=10.0,
+                    step=0.01,
+                    optional=True,
+                    advanced=True,
+                    extra_dict=shown_when("method", END_TO_END),
+                    tooltip="end-to-end: how strongly units that help little are switched off (0: keep every unit).",
+                ),
+                io.Combo.Input(
+                    "init",
+                    options=["identity", "linear"],
+                    default=DEFAULTS.init,
+                    optional=True,
+                    advanced=True,
+                    extra_dict=shown_when("method", END_TO_END),
+                    tooltip="end-to-end: start from no change (identity) or from Linear-AcT's maps.",
+                ),
+                io.Int.Input(
+                    "fit_seed",
+                    default=DEFAULTS.seed,
+                    min=0,
+                    max=2**31 - 1,
+                    optional=True,
+                    advanced=True,
+                    extra_dict=shown_when("method", END_TO_END),
+                    tooltip="end-to-end: seeds the training (which batches each step uses).",
+                ),
             ],
             outputs=[
                 Transport.Output(
@@ -60,10 +116,35 @@ class FitTransport(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, samples, method: str, support: str, description: str = "") -> io.NodeOutput:
+    def execute(
+        cls,
+        samples,
+        method: str,
+        support: str,
+        description: str = "",
+        training_steps: int = DEFAULTS.steps,
+        learning_rate: float = DEFAULTS.learning_rate,
+        sparsity: float = DEFAULTS.sparsity,
+        init: str = DEFAULTS.init,
+        fit_seed: int = DEFAULTS.seed,
+    ) -> io.NodeOutput:
         start = time.perf_counter()
-        transport = samples.fit(method, support)
-        if description:
-            transport = replace(transport, info={**transport.info, "description": description})
-        summary = f"{transport.summary()}\nfitted in {time.perf_counter() - start:.2f} s"
+        if method == END_TO_END:
+            settings = EndToEnd(
+                steps=training_steps,
+                learning_rate=learning_rate,
+                sparsity=sparsity,
+                seed=fit_seed,
+                init=init,
+            )
+            transport = fit_attached(samples, settings, support, description)
+            losses = transport.info[END_TO_END]["loss"]
+            note = f"; loss {losses['plain']:.4g} (plain model) -> {losses['fitted']:.4g}"
+        else:
+            transport = samples.fit(method, support)
+            if description:
+                transport = replace(transport, info={**transport.info, "description": description})
+            note = ""
+        seconds = time.perf_counter() - start
+        summary = f"{transport.summary()}\nfitted in {seconds:.2f} s{note}"
         return io.NodeOutput(transport, ui=ui.PreviewText(summary))

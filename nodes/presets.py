@@ -11,6 +11,15 @@ stream that is not a (batch, tokens, width) tensor, is dropped). Attention q/k n
 chosen (models fuse them into their attention, so the modules may never run), nor the norms
 of a text encoder's vision tower (Qwen2.5-VL's `visual`), which never runs for text.
 
+"exportable (folds into a LoRA)" chooses only modules whose maps fold exactly into their
+weights with support "all" (Linear-AcT or Mean-AcT), so AcT Export LoRA writes all of them:
+the LayerNorms with an affine weight and bias of UNets and text encoders (CLIP's; T5 and
+LLM encoders have none), and in DiTs the Linear layers with a bias that write an attention
+or MLP output back to the tokens (`TOKEN_WRITERS`), outside blocks that join text and image
+tokens: FLUX.1, Chroma and HunyuanImage double blocks, SD3, Wan, Qwen-Image, PixArt,
+HunyuanDiT. Models without such modules (FLUX.2, Lumina2, Z-Image, AuraFlow: no biases or
+joint tokens only; HiDream, Stable Cascade) raise an error that says what to do.
+
 Module names are ComfyUI's own (`input_blocks.1.1.transformer_blocks.0.norm1`,
 `double_blocks.3`, `clip_l.transformer.text_model.encoder.layers.0.layer_norm1`), which differ
 from diffusers' names.
@@ -24,9 +33,15 @@ from collections.abc import Callable
 from torch import nn
 
 from ..act import ActError, select_modules
-from ..act.selection import layer_norm_sites, norm_sites
+from ..act.selection import (
+    foldable_layer_norm_sites,
+    folds_into_weights,
+    layer_norm_sites,
+    norm_sites,
+)
 
-LAYER_CHOICES = ["auto", "all norm layers", "layer norms only", "custom regex"]
+EXPORTABLE = "exportable (folds into a LoRA)"
+LAYER_CHOICES = ["auto", "all norm layers", "layer norms only", EXPORTABLE, "custom regex"]
 BLOCK_LISTS = (
     "joint_blocks",
     "double_layers",
@@ -40,6 +55,15 @@ BLOCK_LISTS = (
 ATTENTION_NORMS = re.compile(r"(^|.*\.)(q_norm|k_norm|norm_q|norm_k|norm_added_q|norm_added_k)$")
 # Vision towers of multimodal text encoders (Qwen2.5-VL's `visual`): they never run for text.
 VISION_TOWERS = re.compile(r"(^|.*\.)(visual|vision_model|vision_tower|vision_encoder)(\..*|$)")
+# Linear layers of a DiT block that write an attention or MLP output back to its tokens
+# (names inside the block): FLUX-style `img_attn.proj`, `txt_mlp.2`; SD3 `x_block.attn.proj`,
+# `context_block.mlp.fc2`; Wan `self_attn.o`, `cross_attn.o`, `ffn.2`; Qwen-Image
+# `attn.to_out.0`, `attn.to_add_out`, `img_mlp.net.2`; PixArt `cross_attn.proj`; HunyuanDiT
+# `attn1.out_proj`.
+TOKEN_WRITERS = re.compile(
+    r"(.*\.)?((img_|txt_|self_|cross_)?attn\d?\.(proj|o|out_proj|to_out\.0|to_add_out)"
+    r"|(img_|txt_)?(mlp|ffn|ff)(\.net)?\.(2|fc2))"
+)
 # A dry run of the model: block module names -> the sites among them that produce tokens.
 Probe = Callable[[list[str]], list[str]]
 
@@ -93,6 +117,46 @@ def auto_norm_sites(model: nn.Module) -> list[str]:
     ]
 
 
+def token_writer_sites(diffusion_model: nn.Module) -> list[str]:
+    """The `TOKEN_WRITERS` with a bias in a DiT's block lists; of FLUX-style models the
+    double blocks only (their single blocks join text and image tokens)."""
+    lists = ("double_blocks",) if is_flux(diffusion_model) else BLOCK_LISTS
+    return [
+        f"{list_name}.{index}.{name}"
+        for list_name in lists
+        if isinstance(getattr(diffusion_model, list_name, None), nn.ModuleList)
+        for index, block in enumerate(getattr(diffusion_model, list_name))
+        for name, module in block.named_modules()
+        if TOKEN_WRITERS.fullmatch(name) and folds_into_weights(module)
+    ]
+
+
+def exportable_sites(model: nn.Module) -> list[str]:
+    """The sites of the "exportable" choice (see the module docstring): a DiT's token
+    writers, else the affine LayerNorms but attention q/k norms and vision towers'.
+
+    Raises:
+        ActError: the model has no such module (names its class and what to do).
+    """
+    if is_flux(model) or (not is_unet(model) and block_modules(model)):
+        sites = token_writer_sites(model)
+    else:
+        sites = [
+            site
+            for site in foldable_layer_norm_sites(model)
+            if not ATTENTION_NORMS.match(site) and not VISION_TOWERS.match(site)
+        ]
+    if not sites:
+        raise ActError(
+            f"the {type(model).__name__} has no module that this choice knows to fold into a "
+            "LoRA (LayerNorms with an affine weight and bias; in DiT blocks, Linear layers with "
+            "a bias that write an attention or MLP output to the tokens); steer it with AcT "
+            "Apply (layers 'auto'), collect from the other part only (where), or choose "
+            "'custom regex' naming nn.Linear or nn.LayerNorm modules that have a bias"
+        )
+    return sites
+
+
 def resolve_layers(
     model: nn.Module, layers: str, regex: str, probe: Probe | None = None
 ) -> list[str]:
@@ -100,8 +164,11 @@ def resolve_layers(
 
     "auto" is the paper's choice (see the module docstring); for a DiT's blocks it calls
     `probe`, a dry run of the model, when one is given. "custom regex" takes one full-match
-    pattern per line (append `:N` for element N of a tuple output).
+    pattern per line (append `:N` for element N of a tuple output). `EXPORTABLE`: see
+    `exportable_sites`.
     """
+    if layers == EXPORTABLE:
+        return exportable_sites(model)
     if layers == "custom regex":
         patterns = [line.strip() for line in (regex or "").splitlines() if line.strip()]
         if not patterns:

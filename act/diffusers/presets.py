@@ -1,4 +1,5 @@
-"""Layer presets for diffusers pipelines (the paper's choices), registered in `act.PRESETS`.
+"""Layer presets for diffusers pipelines (the paper's choices, and `exportable`: the sites
+whose maps fold into a LoRA file), registered in `act.PRESETS`.
 
 They resolve on the module root of `act.diffusers.anatomy.pipeline_root`, whose names are
 prefixed by component (`unet.…`, `transformer.…`, `text_encoder.…`), and find nothing when
@@ -8,11 +9,24 @@ the root lacks their component.
 from __future__ import annotations
 
 import inspect
+import re
 
 from torch import nn
 
 from ..errors import ActError
-from ..selection import norm_sites, register_preset
+from ..selection import foldable_layer_norm_sites, folds_into_weights, norm_sites, register_preset
+from .anatomy import DENOISERS
+
+# The Linear layers of a transformer block that write an attention or feed-forward output
+# back to its tokens (names inside the block): `attn.to_out.0`, `attn.to_add_out` (the text
+# stream), `attn2.to_out.0`, `ff.net.2`, `ff_context.net.2` (FLUX's double-stream blocks,
+# SD3, PixArt), `ffn.net.2` (Wan), `img_mlp.net.2` and `txt_mlp.net.2` (Qwen-Image).
+TOKEN_WRITERS = re.compile(
+    r"attn\d?\.(to_out\.0|to_add_out)|(ff|ff_context|ffn|img_mlp|txt_mlp)\.net\.2"
+)
+# Block lists on text and image tokens joined (FLUX's single-stream blocks), left out so that
+# the choice steers the same modules as in ComfyUI, where they do not fold.
+JOINT_BLOCKS = ("single_transformer_blocks",)
 
 
 def unet_norm_sites(root: nn.Module) -> list[str]:
@@ -65,6 +79,65 @@ register_preset(
     "text-encoder-norms",
     "diffusers text encoders: every normalization layer (CLIP and T5)",
     text_encoder_norm_sites,
+    "diffusers",
+)
+
+
+def token_writer_sites(transformer: nn.Module) -> list[str]:
+    """The `TOKEN_WRITERS` with a bias in the block lists of a transformer, except those of
+    `JOINT_BLOCKS`."""
+    return [
+        f"{list_name}.{index}.{name}"
+        for list_name, blocks in transformer.named_children()
+        if isinstance(blocks, nn.ModuleList) and list_name not in JOINT_BLOCKS
+        for index, block in enumerate(blocks)
+        for name, module in block.named_modules()
+        if TOKEN_WRITERS.fullmatch(name) and folds_into_weights(module)
+    ]
+
+
+def exportable_sites(root: nn.Module) -> list[str]:
+    """Sites whose maps fold into the weights (and so into a LoRA file) with support "all",
+    Linear-AcT or Mean-AcT: the affine LayerNorms of a UNet and of the text encoders (CLIP's;
+    T5 has none), and the `TOKEN_WRITERS` of a transformer's blocks.
+
+    Raises:
+        ActError: the denoiser, or every text encoder, has no such module (names the class).
+    """
+    found = {name: _exportable_in(name, module) for name, module in root.named_children()}
+    encoders = [name for name in found if name.startswith("text_encoder")]
+    empty = [name for name in found if name in DENOISERS and not found[name]]
+    if encoders and not any(found[name] for name in encoders):
+        empty += encoders
+    if empty:
+        modules = dict(root.named_children())
+        classes = ", ".join(f"{name} ({type(modules[name]).__name__})" for name in empty)
+        raise ActError(
+            f"preset 'exportable' knows no module of {classes} that folds into weights "
+            "(LayerNorms with an affine weight and bias; in transformer blocks, Linear layers "
+            "with a bias that write an attention or feed-forward output to the tokens); steer "
+            "with hooks (layers=None, act.steer), fit the other components only (where=...), "
+            "or pass layers= naming nn.Linear or nn.LayerNorm modules that have a bias"
+        )
+    return [site for sites in found.values() for site in sites]
+
+
+def _exportable_in(component: str, module: nn.Module) -> list[str]:
+    """`exportable_sites` of one component, prefixed by its name."""
+    if component == "transformer":
+        sites = token_writer_sites(module)
+    elif component == "unet" or component.startswith("text_encoder"):
+        sites = foldable_layer_norm_sites(module)
+    else:
+        sites = []
+    return [f"{component}.{site}" for site in sites]
+
+
+register_preset(
+    "exportable",
+    "sites that fold into a LoRA file with support 'all' (UNet and CLIP affine LayerNorms, "
+    "the Linear layers that write to the tokens of a transformer's blocks)",
+    exportable_sites,
     "diffusers",
 )
 

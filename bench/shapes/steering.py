@@ -71,6 +71,7 @@ class Config:
     unet_steps: tuple[float, float] = (0.0, 1.0)
     causal: bool = False
     fit_count: int | None = None  # prompts per side; None: the run's --fit-count
+    layers: str | None = None  # a preset of `act.PRESETS`; None: fit_pipeline's default
     end_to_end: act.EndToEnd | None = None  # method "end-to-end": its settings (None: defaults)
 
     @property
@@ -91,6 +92,8 @@ class Config:
             parts.append(f"{chosen.steps} steps, lr {chosen.learning_rate:g}")
         if self.fit_count is not None:
             parts.append(f"from {self.fit_count} + {self.fit_count}")
+        if self.layers is not None:
+            parts.append(f"layers {self.layers}")
         return ", ".join(parts)
 
 
@@ -120,6 +123,15 @@ def fit_comparison(
         replace(default, causal=True, fit_count=few),
         replace(default, method="end-to-end", fit_count=few, end_to_end=end_to_end),
     ]
+
+
+def layer_comparison(default: Config, layers: str) -> list[Config]:
+    """The default against Linear-AcT with support "all" on the preset `layers` (e.g.
+    "exportable": the sites that fold into a LoRA file), on the conditional branch and on
+    both (as a LoRA steers), and Mean-AcT there on both branches."""
+    chosen = replace(default, layers=layers, support="all")
+    both = replace(chosen, cond_only=False)
+    return [default, chosen, both, replace(both, method="mean")]
 
 
 def _scenes(count: int, seed: int, accept) -> list[Record]:
@@ -259,11 +271,12 @@ def fit(pipe, config: Config, source: list[str], target: list[str], cache: dict)
             support=config.support, causal=True, pooling=config.pooling, batch_size=64,
             **options,
         )  # fmt: skip
-    key = (config.pooling, len(source))
+    key = (config.pooling, len(source), config.layers)
     if key not in cache:
         cache[key] = act.collect_pipeline(
-            pipe, source, target, where="both", pooling=config.pooling, batch_size=64, **options
-        )
+            pipe, source, target, where="both", layers=config.layers, pooling=config.pooling,
+            batch_size=64, **options,
+        )  # fmt: skip
     transport = cache[key].fit(config.method, config.support)
     if config.where == "both":
         return transport
@@ -407,6 +420,11 @@ def main() -> None:
         help="instead of the variants: the default from --fit-count prompts against Linear-AcT, "
         "causal and end-to-end fits from 32 + 32",
     )
+    parser.add_argument(
+        "--layers",
+        help="instead of the variants: the default against Linear-AcT and Mean-AcT with "
+        "support 'all' on this preset's layers (e.g. 'exportable')",
+    )
     parser.add_argument("--steps", type=int, help="--compare-fits: end-to-end steps (default 50)")
     parser.add_argument("--learning-rate", type=float, help="--compare-fits: end-to-end rate")
     args = parser.parse_args()
@@ -417,9 +435,11 @@ def main() -> None:
         strengths = tuple(args.strengths) if args.strengths else None
         chosen = {"steps": args.steps, "learning_rate": args.learning_rate}
         settings = act.EndToEnd(**{k: v for k, v in chosen.items() if v is not None})
-        configs = (
-            fit_comparison(TASKS[task].default, end_to_end=settings) if args.compare_fits else None
-        )
+        configs = None
+        if args.compare_fits:
+            configs = fit_comparison(TASKS[task].default, end_to_end=settings)
+        elif args.layers:
+            configs = layer_comparison(TASKS[task].default, args.layers)
         rows += run_task(pipe, task, args.fit_count, args.count, strengths, args.prompts, configs)
         if args.grids:
             args.grids.mkdir(parents=True, exist_ok=True)

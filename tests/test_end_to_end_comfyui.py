@@ -1,0 +1,182 @@
+"""End-to-end fitting in a real ComfyUI, in-process: Fit Transport trains the maps through the
+models that Collect Activations ran, under ComfyUI's inference mode.
+
+The tiny models are built inside `torch.inference_mode()`, as ComfyUI's loaders build them
+while a node runs, and every node runs inside it too (as ComfyUI's executor runs nodes), so
+their weights are inference tensors that autograd would refuse to save.
+
+Skipped unless COMFYUI_PATH names a ComfyUI checkout importable by this Python.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from comfy_support import (
+    PACK,
+    comfyui_path,
+    encode,
+    load_pack,
+    sample,
+    start_comfy,
+    temporary_base,
+    tiny_clip,
+    tiny_model,
+)
+
+THINGS = ("cat", "dog", "house", "tree")
+SOURCE = "\n".join(f"a photo of a {thing}" for thing in THINGS)
+TARGET = "\n".join(f"a watercolor painting of a {thing}" for thing in THINGS)
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """The pack's nodes; ComfyUI starts once per process, so an earlier module's start is
+    reused."""
+    comfyui_path()
+    base = None if "folder_paths" in sys.modules else temporary_base()
+    if base is not None:
+        start_comfy(base)
+    load_pack()
+    extension = importlib.import_module(f"{PACK}.nodes.extension")
+    nodes = {node.define_schema().node_id: node for node in extension.NODES}
+    errors = importlib.import_module(f"{PACK}.act.errors")
+    yield SimpleNamespace(nodes=nodes, error=errors.ActError)
+    if base is not None:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def loaded(pack):
+    """A tiny SD1.5-config MODEL and a CLIP, loaded as ComfyUI loads checkpoints."""
+    with torch.inference_mode():
+        return tiny_model("sd15"), tiny_clip()
+
+
+def _collect(pack, model, clip, **overrides):
+    arguments = dict(
+        model=model, clip=clip, source_prompts=SOURCE, target_prompts=TARGET,
+        where="diffusion model", layers="layer norms only", seed=0, width=64, height=64,
+        steps=1, batch_size=2, causal=False, method="linear", support="all", cache="off",
+    )  # fmt: skip
+    arguments.update(overrides)
+    with torch.inference_mode():
+        return pack.nodes["AcTCollectActivations"].execute(**arguments).result[0]
+
+
+def _fit(pack, samples, **options):
+    with torch.inference_mode():
+        output = pack.nodes["AcTFitTransport"].execute(
+            samples=samples, support="all", method="end-to-end", **options
+        )
+    return output.result[0], output.ui.as_dict()["text"][0]
+
+
+def _state(*modules):
+    return {
+        (index, name): (tensor, tensor.clone())
+        for index, module in enumerate(modules)
+        for name, tensor in module.state_dict(keep_vars=True).items()
+    }
+
+
+def _unchanged(state, *modules) -> bool:
+    now = {
+        (index, name): tensor
+        for index, module in enumerate(modules)
+        for name, tensor in module.state_dict(keep_vars=True).items()
+    }
+    return set(now) == set(state) and all(
+        now[key] is original and original.is_inference() and torch.equal(original, copy)
+        for key, (original, copy) in state.items()
+    )
+
+
+def _hooks(module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3"])
+def test_fit_trains_the_maps_through_the_loaded_model_and_leaves_it_as_it_was(pack, kind):
+    with torch.inference_mode():
+        model, clip = tiny_model(kind), tiny_clip()
+    unet = model.model.diffusion_model
+    layers = "auto" if kind == "sd3" else "layer norms only"
+    samples = _collect(pack, model, clip, layers=layers)
+    state = _state(unet)
+    transport, summary = _fit(pack, samples, training_steps=8, learning_rate=0.05)
+    assert transport.method == "end-to-end" and transport.sites == samples.sites
+    losses = transport.info["end-to-end"]["loss"]
+    assert losses["fitted"] < 0.9 * losses["plain"], losses
+    assert "loss" in summary and "->" in summary
+    assert _unchanged(state, unet)  # the same inference tensors, bit for bit
+    assert _hooks(unet) == 0
+    # the transport steers through AcT Apply like any other; strength 0 is the plain model
+    conds = encode(clip, "a photo of a cat"), encode(clip, "")
+    options = {"size": 8}
+    apply = pack.nodes["AcTApply"].execute
+    with torch.inference_mode():
+        plain = sample(model, *conds, **options)
+        steered = {
+            strength: apply(
+                transport=transport, model=model, strength_model=strength, strength_clip=0.0,
+                start_percent=0.0, end_percent=1.0, apply_to="both branches",
+            ).result[0]
+            for strength in (0.0, 1.0)
+        }  # fmt: skip
+        assert torch.equal(sample(steered[0.0], *conds, **options), plain)
+        assert not torch.allclose(sample(steered[1.0], *conds, **options), plain, atol=1e-4)
+
+
+def test_cancel_stops_the_fit_and_leaves_the_model_alone(pack, loaded, monkeypatch):
+    import comfy.model_management
+
+    model, clip = loaded
+    samples = _collect(pack, model, clip)
+    unet = model.model.diffusion_model
+    state = _state(unet)
+    steps = []
+
+    def interrupt_at_third_step():
+        steps.append(1)
+        if len(steps) >= 3:
+            raise comfy.model_management.InterruptProcessingException()
+
+    monkeypatch.setattr(
+        comfy.model_management, "throw_exception_if_processing_interrupted", interrupt_at_third_step
+    )
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _fit(pack, samples, training_steps=20)
+    assert len(steps) == 3 and _unchanged(state, unet) and _hooks(unet) == 0
+
+
+def test_end_to_end_needs_samples_from_collect_and_no_causal_collection(pack, loaded):
+    model, clip = loaded
+    samples = _collect(pack, model, clip)
+    plain = importlib.import_module(f"{PACK}.act").Samples(samples.source, samples.target)
+    with pytest.raises(pack.error, match="straight from AcT Collect Activations"):
+        _fit(pack, plain)
+    causal = _collect(pack, model, clip, causal=True)
+    with pytest.raises(pack.error, match="turn Collect's 'causal' off"):
+        _fit(pack, causal)
+    with pytest.raises(pack.error, match="learning_rate must be a positive number"):
+        _fit(pack, samples, learning_rate=0.0)
+    text = _collect(pack, model, clip, where="text encoder")
+    with pytest.raises(pack.error, match="trains through the diffusion model only"):
+        _fit(pack, text)
+
+
+def test_a_model_comfyui_runs_without_gradients_is_refused_and_left_alone(pack):
+    with torch.inference_mode():
+        flux, clip = tiny_model("flux"), tiny_clip()
+    samples = _collect(pack, flux, clip, layers="auto")
+    unet = flux.model.diffusion_model
+    state = _state(unet)
+    with pytest.raises(pack.error, match=r"operation that has no gradient.*method 'linear'"):
+        _fit(pack, samples, training_steps=2)
+    assert _unchanged(state, unet) and _hooks(unet) == 0
