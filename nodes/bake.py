@@ -38,13 +38,13 @@ class BakeAcT(io.ComfyNode):
             description=(
                 "Folds the transport into the weights (like a LoRA), so steering costs nothing "
                 "while sampling. Only exact folds are done: maps fitted with support 'all' on "
-                "LayerNorm or Linear outputs (choose layers 'layer norms only'); anything else "
-                "is refused with the reason; use AcT Apply for it."
+                "LayerNorm or Linear outputs (choose layers 'exportable (folds into a LoRA)'); "
+                "anything else is refused with the reason; use AcT Apply for it."
             ),
             inputs=[
                 TransportSocket.Input(
                     "transport",
-                    tooltip="A transport fitted with support 'all' on layer norms (layers 'layer norms only').",
+                    tooltip="A transport fitted with support 'all' on layers that fold (layers 'exportable (folds into a LoRA)').",
                 ),
                 io.Model.Input(
                     "model", optional=True, tooltip="Diffusion model to bake the transport into."

@@ -106,7 +106,7 @@ class ExportLoRA(io.ComfyNode):
             inputs=[
                 TransportSocket.Input(
                     "transport",
-                    tooltip="A transport fitted with support 'all' (layers 'layer norms only', or method mean).",
+                    tooltip="A transport fitted with support 'all' on layers that fold (layers 'exportable (folds into a LoRA)'), or Mean-AcT on norm layers.",
                 ),
                 io.Model.Input(
                     "model",

@@ -7,12 +7,14 @@ custom_nodes/) is a temporary folder.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import math
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -223,6 +225,44 @@ def start_comfy(base: Path) -> None:
     import folder_paths
 
     assert Path(folder_paths.base_path).resolve() == base.resolve()
+
+
+def start_once(base: Path) -> None:
+    """Start ComfyUI with `base` unless an earlier test module of this process did (ComfyUI
+    starts once per process; that module's base folder may be gone since)."""
+    comfyui_path()
+    if "folder_paths" not in sys.modules:
+        start_comfy(base)
+
+
+@contextlib.contextmanager
+def own_model_folders(base: Path, names: Sequence[str]) -> Iterator[None]:
+    """While open, ComfyUI's model folders `names` (e.g. "loras", "act") are folders of
+    their own under `base/models`; the registered ones are put back on exit."""
+    import folder_paths
+
+    saved = {name: folder_paths.folder_names_and_paths.get(name) for name in names}
+    try:
+        for name in names:
+            (base / "models" / name).mkdir(parents=True, exist_ok=True)
+            folder_paths.folder_names_and_paths[name] = (
+                [str(base / "models" / name)],
+                {".safetensors"},
+            )
+            folder_paths.filename_list_cache.pop(name, None)  # it would list the old folder
+        yield
+    finally:
+        for name, value in saved.items():
+            folder_paths.filename_list_cache.pop(name, None)
+            if value is not None:
+                folder_paths.folder_names_and_paths[name] = value
+
+
+def pack_nodes() -> dict[str, type]:
+    """The pack's nodes by node id, the pack loaded as ComfyUI loads it."""
+    load_pack()
+    extension = importlib.import_module(f"{PACK}.nodes.extension")
+    return {node.define_schema().node_id: node for node in extension.NODES}
 
 
 def load_pack() -> ModuleType:

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import importlib
 import shutil
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from comfy_support import (
     PACK,
-    comfyui_path,
     encode,
-    load_pack,
+    pack_nodes,
     sample,
-    start_comfy,
+    start_once,
     temporary_base,
     tiny_clip,
     tiny_model,
@@ -36,19 +34,13 @@ TARGET = "\n".join(f"a watercolor painting of a {thing}" for thing in THINGS)
 
 @pytest.fixture(scope="module")
 def pack():
-    """The pack's nodes; ComfyUI starts once per process, so an earlier module's start is
-    reused."""
-    comfyui_path()
-    base = None if "folder_paths" in sys.modules else temporary_base()
-    if base is not None:
-        start_comfy(base)
-    load_pack()
-    extension = importlib.import_module(f"{PACK}.nodes.extension")
-    nodes = {node.define_schema().node_id: node for node in extension.NODES}
+    """The pack's nodes in ComfyUI (started once per process)."""
+    base = temporary_base()
+    start_once(base)
+    nodes = pack_nodes()
     errors = importlib.import_module(f"{PACK}.act.errors")
     yield SimpleNamespace(nodes=nodes, error=errors.ActError)
-    if base is not None:
-        shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,11 +17,11 @@ import pytest
 import torch
 from comfy_support import (
     PACK,
-    comfyui_path,
     encode,
-    load_pack,
+    own_model_folders,
+    pack_nodes,
     sample,
-    start_comfy,
+    start_once,
     temporary_base,
     tiny_clip,
     tiny_model,
@@ -39,31 +38,15 @@ FLUX_LINEAR = r"double_blocks\.\d+\.(img_attn\.proj|img_mlp\.2|txt_mlp\.2)"
 def pack():
     """ComfyUI starts once per process, so an earlier module's start is reused; its base
     folder may be gone, so the LoRA and transport folders get a folder of their own."""
-    comfyui_path()
     base = temporary_base()
-    if "folder_paths" not in sys.modules:
-        start_comfy(base)
-    import folder_paths
-
-    saved = {name: folder_paths.folder_names_and_paths.get(name) for name in ("loras", "act")}
-    for name in saved:
-        (base / "models" / name).mkdir(parents=True, exist_ok=True)
-        folder_paths.folder_names_and_paths[name] = (
-            [str(base / "models" / name)],
-            {".safetensors"},
+    start_once(base)
+    with own_model_folders(base, ("loras", "act")):
+        comfy_nodes = importlib.import_module("nodes")  # ComfyUI's own nodes.py
+        assert hasattr(comfy_nodes, "LoraLoader")
+        errors = importlib.import_module(f"{PACK}.act.errors")  # the pack's own ActError
+        yield SimpleNamespace(
+            nodes=pack_nodes(), comfy=comfy_nodes, base=base, error=errors.ActError
         )
-        folder_paths.filename_list_cache.pop(name, None)  # it would list the old folder
-    load_pack()
-    extension = importlib.import_module(f"{PACK}.nodes.extension")
-    nodes = {node.define_schema().node_id: node for node in extension.NODES}
-    comfy_nodes = importlib.import_module("nodes")  # ComfyUI's own nodes.py
-    assert hasattr(comfy_nodes, "LoraLoader")
-    errors = importlib.import_module(f"{PACK}.act.errors")  # the pack's own ActError
-    yield SimpleNamespace(nodes=nodes, comfy=comfy_nodes, base=base, error=errors.ActError)
-    for name, value in saved.items():
-        folder_paths.filename_list_cache.pop(name, None)
-        if value is not None:
-            folder_paths.folder_names_and_paths[name] = value
     shutil.rmtree(base, ignore_errors=True)
 
 

@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import importlib
 import shutil
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from comfy_support import (
     PACK,
-    comfyui_path,
     encode,
-    load_pack,
+    own_model_folders,
+    pack_nodes,
     sample,
-    start_comfy,
+    start_once,
     temporary_base,
     tiny_clip,
     tiny_model,
@@ -210,34 +209,16 @@ NOT_FOLDING = ["flux2", "lumina2", "z_image", "auraflow"]
 def comfy():
     """ComfyUI once per process (an earlier module's start is reused), the pack, and LoRA
     and transport folders of this module's own."""
-    comfyui_path()
     base = temporary_base()
-    if "folder_paths" not in sys.modules:
-        start_comfy(base)
-    import folder_paths
-
-    saved = {name: folder_paths.folder_names_and_paths.get(name) for name in ("loras", "act")}
-    for name in saved:
-        (base / "models" / name).mkdir(parents=True, exist_ok=True)
-        folder_paths.folder_names_and_paths[name] = (
-            [str(base / "models" / name)],
-            {".safetensors"},
+    start_once(base)
+    with own_model_folders(base, ("loras", "act")):
+        yield SimpleNamespace(
+            nodes=pack_nodes(),
+            comfy=importlib.import_module("nodes"),  # ComfyUI's own nodes.py
+            presets=importlib.import_module(f"{PACK}.nodes.presets"),
+            export=importlib.import_module(f"{PACK}.nodes.export"),
+            act=importlib.import_module(f"{PACK}.act"),
         )
-        folder_paths.filename_list_cache.pop(name, None)
-    load_pack()
-    nodes = {node.define_schema().node_id: node
-             for node in importlib.import_module(f"{PACK}.nodes.extension").NODES}  # fmt: skip
-    yield SimpleNamespace(
-        nodes=nodes,
-        comfy=importlib.import_module("nodes"),  # ComfyUI's own nodes.py
-        presets=importlib.import_module(f"{PACK}.nodes.presets"),
-        export=importlib.import_module(f"{PACK}.nodes.export"),
-        act=importlib.import_module(f"{PACK}.act"),
-    )
-    for name, value in saved.items():
-        folder_paths.filename_list_cache.pop(name, None)
-        if value is not None:
-            folder_paths.folder_names_and_paths[name] = value
     shutil.rmtree(base, ignore_errors=True)
 
 

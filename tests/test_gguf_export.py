@@ -246,3 +246,5 @@ def test_the_export_command_writes_ggufs_and_checks_before_loading(smollm2, tmp_
     assert "convert_hf_to_gguf.py" in capsys.readouterr().err
     assert main([*arguments, "--out", str(tmp_path / "c.txt")]) == 1
     assert "must end with .gguf" in capsys.readouterr().err
+    assert main([*arguments, "--gguf-type", "f16", "--out", str(tmp_path / "d.gguf")]) == 1
+    assert "--gguf-type is for --format gguf" in capsys.readouterr().err

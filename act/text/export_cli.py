@@ -45,7 +45,6 @@ def add_export_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--gguf-type",
         choices=GGUF_TYPES,
-        default="keep",
         help="gguf: keep the untouched tensors as they are (default), or convert all to f32/f16",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -62,6 +61,8 @@ def run_export(args: argparse.Namespace) -> None:
     if args.strength is not None and not math.isfinite(args.strength):
         raise ActError(f"--strength must be a finite number, got {args.strength!r}")
     kind = args.format or ("gguf" if str(args.out).endswith(".gguf") else "folder")
+    if args.gguf_type is not None and kind != "gguf":
+        raise ActError(f"--gguf-type is for --format gguf, and the format is {kind!r}")
     transport = Transport.load(args.transport)
     strength = transport.default_strength if args.strength is None else args.strength
     check_target(args.out, args.overwrite, suffix=None if kind == "folder" else ".gguf")
@@ -81,7 +82,7 @@ def run_export(args: argparse.Namespace) -> None:
             source,
             args.out,
             strength,
-            tensor_type=args.gguf_type,
+            tensor_type=args.gguf_type or "keep",
             overwrite=args.overwrite,
         )
         print(written.summary())
