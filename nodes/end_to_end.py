@@ -81,8 +81,9 @@ def fit_attached(
     returned then and the models are left as they were).
 
     Raises:
-        ActError: the samples carry no models (not from Collect Activations), or were
-            collected causally.
+        ActError: the samples carry no models (not from Collect Activations), were collected
+            causally or from the text encoder, or the model runs an operation autograd cannot
+            differentiate (named); bad settings (see `act.EndToEnd`).
     """
     replay = getattr(samples, "replay", None)
     if replay is None:

@@ -2,8 +2,10 @@
 
 Loading models offline (`models`: folders, GGUF files, the built-in SmolLM2), where to hook
 them (`presets`, registered in `act.PRESETS`), collecting and fitting from sentences
-(`collection`), generation and perplexity (`generation`), the shipped prompt sets (`data`),
-and the command line `python -m act` with its demo (`cli`, `demo`).
+(`collection`), generation and perplexity (`generation`), exports (`export`: transformers
+folders; `gguf_export`: GGUF checkpoints and control vectors for llama.cpp), the shipped
+prompt sets (`data`), and the command line `python -m act` with its demo (`cli`,
+`export_cli`, `demo`).
 
 May import: the core (`act.*` top-level modules), torch, numpy, transformers, tqdm and gguf;
 transformers only inside functions, so that importing this package stays cheap. Never
