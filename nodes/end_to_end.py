@@ -28,6 +28,7 @@ from typing import Any
 
 import comfy.model_management
 import comfy.utils
+import comfy_execution.utils
 import torch
 
 from ..act import ActError, EndToEnd, Samples, Transport, fit_end_to_end
@@ -73,12 +74,25 @@ class AttachedSamples(Samples):
         return cls(**{**fields, "replay": replay})
 
 
+def show_text(text: str) -> None:
+    """Show `text` under the node that is running (ComfyUI's progress text); nothing happens
+    outside a running server."""
+    context = comfy_execution.utils.get_executing_context()
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if context is not None and instance is not None:
+        instance.send_progress_text(text, context.node_id)
+
+
 def fit_attached(
     samples: Samples, settings: EndToEnd, support: str, description: str = ""
 ) -> Transport:
     """Train the maps of the samples' sites end to end through the models that collected
-    them, with ComfyUI's progress bar over the steps (Cancel stops the fit; nothing is
-    returned then and the models are left as they were).
+    them, with ComfyUI's progress bar over the steps and the loss shown under the node
+    (Cancel stops the fit; nothing is returned then and the models are left as they were).
 
     Raises:
         ActError: the samples carry no models (not from Collect Activations), were collected
@@ -108,6 +122,7 @@ def fit_attached(
     def progress(step: int, steps: int, loss: float) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
         bar.update_absolute(step, steps)
+        show_text(f"step {step}/{steps}: loss {loss:.4g}")
 
     models = describe_models(replay.model, replay.clip, replay.where)
     copies = AutogradCopies()

@@ -172,3 +172,19 @@ def test_a_model_comfyui_runs_without_gradients_is_refused_and_left_alone(pack):
     with pytest.raises(pack.error, match=r"operation that has no gradient.*method 'linear'"):
         _fit(pack, samples, training_steps=2)
     assert _unchanged(state, unet) and _hooks(unet) == 0
+
+
+def test_the_loss_of_every_step_is_shown_under_the_running_node(pack, loaded, monkeypatch):
+    import server
+    from comfy_execution.utils import CurrentNodeContext
+
+    shown = []
+    fake = SimpleNamespace(send_progress_text=lambda text, node: shown.append((node, text)))
+    monkeypatch.setattr(server.PromptServer, "instance", fake, raising=False)
+    model, clip = loaded
+    samples = _collect(pack, model, clip)
+    with CurrentNodeContext("prompt", "7"):
+        _fit(pack, samples, training_steps=3)
+    assert [node for node, _ in shown] == ["7"] * 3
+    assert [text.split(":")[0] for _, text in shown] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert float(shown[-1][1].split("loss ")[1]) > 0
