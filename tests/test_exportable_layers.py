@@ -33,14 +33,10 @@ from comfy_support import (
 from diffusion_fixtures import (
     SOURCE,
     TARGET,
-    _clip_config,
-    _ready,
-    _vae,
-    clip_tokenizer,
     flux_pipeline,
     options,
+    sd3_pipeline,
     sd_pipeline,
-    t5_tokenizer,
 )
 from safetensors import safe_open
 from torch import nn
@@ -50,49 +46,6 @@ from act import ActError, select_modules
 from act.diffusers.anatomy import component_names, pipeline_root
 
 TOLERANCE = 1e-5  # of the latents' largest magnitude
-
-
-def sd3_pipeline(seed: int = 0):
-    """StableDiffusion3Pipeline: a 2-block SD3 transformer, two CLIPs and a tiny T5."""
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=1,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_projection_dim=32,
-        joint_attention_dim=32,
-        pooled_projection_dim=64,
-        pos_embed_max_size=16,
-    )
-    t5 = T5Config(
-        vocab_size=len(tokenizer_3), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )  # fmt: skip
-    pipe = StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_vae(),
-        text_encoder=CLIPTextModelWithProjection(_clip_config(tokenizer, projection_dim=32)),
-        tokenizer=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tokenizer_2, projection_dim=32)),
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=T5EncoderModel(t5),
-        tokenizer_3=tokenizer_3,
-        transformer=transformer,
-    )
-    return _ready(pipe)
 
 
 PIPELINES = {"sd15": sd_pipeline, "flux": flux_pipeline, "sd3": sd3_pipeline}
