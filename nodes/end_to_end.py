@@ -16,6 +16,10 @@ the length of the fit only:
   gradients inside the sampler. Gradients flow through each call, not from one denoising
   step to the next.
 
+ComfyUI's own switch for training, `comfy.model_management.in_training` (set by its LoRA
+trainer), is on for the fit: models then take their differentiable code paths (FLUX's rope
+in plain torch instead of comfy_kitchen's operator, which has no backward).
+
 Only the diffusion model's layers are trained: ComfyUI's text encoders add to their
 activations in place (`x += ...`), which autograd cannot differentiate.
 """
@@ -39,7 +43,7 @@ from .collection import collection_batches, collection_root, describe_models
 # autograd's messages for what ComfyUI's models do that cannot be differentiated
 NO_GRADIENT = {
     "inplace operation": "with a module that changes activations in place",
-    "no autograd formula": "with an operation that has no gradient (e.g. comfy_kitchen's rope)",
+    "no autograd formula": "with an operation that has no gradient",
 }
 
 
@@ -126,7 +130,9 @@ def fit_attached(
 
     models = describe_models(replay.model, replay.clip, replay.where)
     copies = AutogradCopies()
+    training = comfy.model_management.in_training
     try:
+        comfy.model_management.in_training = True  # ComfyUI's differentiable code paths
         with torch.inference_mode(False):
             root, sites = collection_root(
                 replay.model, replay.clip, replay.where, replay.layers, replay.layer_regex,
@@ -165,5 +171,6 @@ def fit_attached(
             "so method 'end-to-end' cannot train through it; fit with method 'linear'"
         ) from None
     finally:
+        comfy.model_management.in_training = training
         copies.clear()
     return dataclasses.replace(transport, model_class=models)

@@ -163,15 +163,31 @@ def test_end_to_end_needs_samples_from_collect_and_no_causal_collection(pack, lo
         _fit(pack, text)
 
 
-def test_a_model_comfyui_runs_without_gradients_is_refused_and_left_alone(pack):
+def test_a_model_comfyui_runs_with_in_place_additions_is_refused_and_left_alone(pack):
     with torch.inference_mode():
         flux, clip = tiny_model("flux"), tiny_clip()
     samples = _collect(pack, flux, clip, layers="auto")
     unet = flux.model.diffusion_model
     state = _state(unet)
-    with pytest.raises(pack.error, match=r"operation that has no gradient.*method 'linear'"):
+    with pytest.raises(pack.error, match=r"Flux.*changes activations in place.*'linear'"):
         _fit(pack, samples, training_steps=2)
     assert _unchanged(state, unet) and _hooks(unet) == 0
+
+
+def test_a_model_autograd_cannot_differentiate_is_refused_by_name(pack, loaded, monkeypatch):
+    model, clip = loaded
+    samples = _collect(pack, model, clip)
+    module = importlib.import_module(f"{PACK}.nodes.end_to_end")
+    import comfy.model_management
+
+    def no_backward(*args, **kwargs):
+        assert comfy.model_management.in_training  # ComfyUI's training switch is on
+        raise RuntimeError("Trying to backward through op but no autograd formula was registered")
+
+    monkeypatch.setattr(module, "fit_end_to_end", no_backward)
+    with pytest.raises(pack.error, match=r"SD15.*operation that has no gradient.*'linear'"):
+        _fit(pack, samples, training_steps=2)
+    assert not comfy.model_management.in_training  # and off again
 
 
 def test_the_loss_of_every_step_is_shown_under_the_running_node(pack, loaded, monkeypatch):
