@@ -43,7 +43,7 @@ class FitTransport(io.ComfyNode):
                     "method",
                     options=list(TRANSPORT_METHODS),
                     default="linear",
-                    tooltip="linear: Linear-AcT (the paper's method); mean: shift by the mean difference; gaussian: match mean and spread; end-to-end: train the maps of all layers jointly through the model (LinEAS; from few prompts; runs the collection's sampler calls again for every training step, and holds a second copy of the steered model's weights meanwhile).",
+                    tooltip="linear: Linear-AcT (the paper's method); mean: shift by the mean difference; gaussian: match mean and spread; end-to-end: train the maps of all layers jointly through the diffusion model (LinEAS; for few prompts; UNets and SD3-style DiTs, not FLUX or the text encoder, whose ComfyUI code autograd cannot follow). It runs the collection's sampler calls again for every training step, and holds a second copy of the model's weights meanwhile.",
                 ),
                 io.Combo.Input(
                     "support",
