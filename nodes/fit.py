@@ -43,7 +43,7 @@ class FitTransport(io.ComfyNode):
                     "method",
                     options=list(TRANSPORT_METHODS),
                     default="linear",
-                    tooltip="linear: Linear-AcT (the paper's method); mean: shift by the mean difference; gaussian: match mean and spread; end-to-end: train the maps of all layers jointly through the diffusion model (LinEAS; for few prompts; UNets and SD3-style DiTs, not FLUX or the text encoder, whose ComfyUI code autograd cannot follow). It runs the collection's sampler calls again for every training step, and holds a second copy of the model's weights meanwhile.",
+                    tooltip="linear: Linear-AcT (the paper's method); mean: shift by the mean difference; gaussian: match mean and spread; end-to-end: train the maps of all layers jointly through the diffusion model (LinEAS; for few prompts; UNets and SD3-style DiTs, not FLUX or the text encoder, whose ComfyUI code autograd cannot follow). It runs the collection's sampler calls again for every training step, and holds a second copy of the model's weights meanwhile. Start AcT Apply at strength 1.5 with it.",
                 ),
                 io.Combo.Input(
                     "support",
@@ -139,7 +139,10 @@ class FitTransport(io.ComfyNode):
             )
             transport = fit_attached(samples, settings, support, description)
             losses = transport.info[END_TO_END]["loss"]
-            note = f"; loss {losses['plain']:.4g} (plain model) -> {losses['fitted']:.4g}"
+            note = (
+                f"; loss {losses['plain']:.4g} (plain model) -> {losses['fitted']:.4g}"
+                "\nthese maps move less than Linear-AcT's: start AcT Apply at strength 1.5"
+            )
         else:
             transport = samples.fit(method, support)
             if description:
