@@ -257,10 +257,7 @@ class CollectActivations(io.ComfyNode):
             "pooling": [pooling, DEFAULT_MAX_TOKENS],
         }
         size = (width, height, frames)
-        replay = Replay(
-            model, clip, where, layers, settings["layer_regex"], prompts, seed, size, steps,
-            batch_size, pooling, causal,
-        )  # fmt: skip
+        replay = Replay(model, clip, where, prompts, seed, size, steps, batch_size, pooling, causal)
         store = _sample_cache(cache)
         key = cache_key(_key_parts(model, clip, prompts, settings)) if store else None
         if store and cache == "use":

@@ -41,11 +41,27 @@ def collection_root(
     regex: str,
     probe_size: tuple[int, int, int] = (256, 256, 1),
 ) -> tuple[nn.ModuleDict, list[str]]:
-    """The loaded modules to collect from, and the sites (prefixed by part).
+    """The loaded modules to collect from (`collection_parts`), and the sites (prefixed by
+    part).
 
     A DiT's "auto" sites come from a dry run: one denoising call at `probe_size` (width,
     height in pixels, frames) with an empty prompt.
     """
+    root = collection_parts(model, clip, where)
+    probes = {
+        diffusion_model.PREFIX: lambda blocks: token_block_sites(model, clip, blocks, probe_size)
+    }
+    sites = [
+        f"{prefix}.{site}"
+        for prefix, part in root.items()
+        for site in resolve_layers(part, layers, regex, probes.get(prefix))
+    ]
+    return root, sites
+
+
+def collection_parts(model: Any, clip: Any, where: str) -> nn.ModuleDict:
+    """The parts that `where` collects from, loaded for use, under their prefixes
+    (`diffusion_model`, `clip`)."""
     check_connected(model, clip, where)
     parts: dict[str, nn.Module] = {}
     if where in ("diffusion model", "both"):
@@ -54,15 +70,7 @@ def collection_root(
     if where in ("text encoder", "both"):
         comfy.model_management.load_model_gpu(clip.patcher)
         parts[text_encoder.PREFIX] = clip.cond_stage_model
-    probes = {
-        diffusion_model.PREFIX: lambda blocks: token_block_sites(model, clip, blocks, probe_size)
-    }
-    sites = [
-        f"{prefix}.{site}"
-        for prefix, part in parts.items()
-        for site in resolve_layers(part, layers, regex, probes.get(prefix))
-    ]
-    return nn.ModuleDict(parts), sites
+    return nn.ModuleDict(parts)
 
 
 def check_connected(model: Any, clip: Any, where: str) -> None:

@@ -38,7 +38,7 @@ import torch
 from ..act import ActError, EndToEnd, Samples, Transport, fit_end_to_end
 from ..act.recording import DEFAULT_MAX_TOKENS
 from .autograd_copies import AutogradCopies
-from .collection import collection_batches, collection_root, describe_models
+from .collection import collection_batches, collection_parts, describe_models
 
 # autograd's messages for what ComfyUI's models do that cannot be differentiated
 NO_GRADIENT = {
@@ -54,8 +54,6 @@ class Replay:
     model: Any
     clip: Any
     where: str
-    layers: str
-    layer_regex: str
     prompts: dict[str, list[str]]
     seed: int
     size: tuple[int, int, int]
@@ -95,7 +93,7 @@ def fit_attached(
     samples: Samples, settings: EndToEnd, support: str, description: str = ""
 ) -> Transport:
     """Train the maps of the samples' sites end to end through the models that collected
-    them, with ComfyUI's progress bar over the steps and the loss shown under the node
+    them (the sites Collect chose, not chosen again), with ComfyUI's progress bar over the steps and the loss shown under the node
     (Cancel stops the fit; nothing is returned then and the models are left as they were).
 
     Raises:
@@ -134,10 +132,8 @@ def fit_attached(
     try:
         comfy.model_management.in_training = True  # ComfyUI's differentiable code paths
         with torch.inference_mode(False):
-            root, sites = collection_root(
-                replay.model, replay.clip, replay.where, replay.layers, replay.layer_regex,
-                replay.size,
-            )  # fmt: skip
+            root = collection_parts(replay.model, replay.clip, replay.where)
+            sites = samples.sites
             batches = collection_batches(
                 replay.model,
                 replay.clip,
