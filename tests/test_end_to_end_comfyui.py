@@ -19,6 +19,7 @@ import torch
 from comfy_support import (
     PACK,
     encode,
+    own_model_folders,
     pack_nodes,
     sample,
     start_once,
@@ -34,12 +35,14 @@ TARGET = "\n".join(f"a watercolor painting of a {thing}" for thing in THINGS)
 
 @pytest.fixture(scope="module")
 def pack():
-    """The pack's nodes in ComfyUI (started once per process)."""
+    """The pack's nodes in ComfyUI (started once per process; an earlier module's base folder
+    may be gone, so transport files get a folder of their own)."""
     base = temporary_base()
     start_once(base)
-    nodes = pack_nodes()
-    errors = importlib.import_module(f"{PACK}.act.errors")
-    yield SimpleNamespace(nodes=nodes, error=errors.ActError)
+    with own_model_folders(base, ("act",)):
+        nodes = pack_nodes()
+        errors = importlib.import_module(f"{PACK}.act.errors")
+        yield SimpleNamespace(nodes=nodes, error=errors.ActError)
     shutil.rmtree(base, ignore_errors=True)
 
 
