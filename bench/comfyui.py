@@ -4,9 +4,10 @@ Builds a FLUX-shaped and an SD3-shaped diffusion model from ComfyUI's own classe
 weights: timing only, at a width a CPU can run), then prints, per model, ratios measured in
 one process: a KSampler step steered by Apply AcT ("auto" layers, support "all") / the same
 step unsteered (median of alternating pairs), and Collect Activations for N + N prompts / the
-same number of plain one-step samplings; with `--end-to-end STEPS`, an end-to-end fit on the
-SD3-shaped model (time per step, memory). Needs COMFYUI_PATH (a ComfyUI checkout) and a Python
-with ComfyUI's requirements. Run: `COMFYUI_PATH=... python bench/comfyui.py` (`--quick`).
+same number of plain one-step samplings; with `--end-to-end STEPS` and one of `--models`, an
+end-to-end fit on that model (time per step, memory: peak memory is the process's, so one model
+per run). Needs COMFYUI_PATH (a ComfyUI checkout) and a Python with ComfyUI's requirements.
+Run: `COMFYUI_PATH=... python bench/comfyui.py` (`--quick`, `--models sd3`).
 """
 
 from __future__ import annotations
@@ -120,12 +121,12 @@ def bench(nodes, kind: str, prompts: int, pairs: int, quick: bool) -> None:
     )
 
 
-def bench_end_to_end(nodes, prompts: int, steps: int, quick: bool) -> None:
-    """Fit Transport's method end-to-end on the SD3-shaped model, loaded and run under
+def bench_end_to_end(nodes, kind: str, prompts: int, steps: int, quick: bool) -> None:
+    """Fit Transport's method end-to-end on the FLUX- or SD3-shaped model, loaded and run under
     inference mode as ComfyUI does: time per training step against the collection, and the
     peak memory it adds against the size of the weights (it holds a copy of them)."""
     with torch.inference_mode():
-        model, clip = build("sd3", quick), tiny_clip()
+        model, clip = build(kind, quick), tiny_clip()
     size = 8 if quick else 32
     source = "\n".join(SUBJECTS[i % len(SUBJECTS)] + f", view {i}" for i in range(prompts))
     target = "\n".join(line + ", watercolor painting" for line in source.splitlines())
@@ -148,7 +149,7 @@ def bench_end_to_end(nodes, prompts: int, steps: int, quick: bool) -> None:
     weights = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
     losses = output.result[0].info["end-to-end"]["loss"]
     print(
-        f"sd3, end-to-end fit ({steps} steps, {prompts} + {prompts} prompts, batch 4, "
+        f"{kind}, end-to-end fit ({steps} steps, {prompts} + {prompts} prompts, batch 4, "
         f"{len(samples.sites)} sites):\n  one training step / the collection: "
         f"{fit_time / steps / collect_time:.2f} ({fit_time / steps:.1f} s / {collect_time:.1f} "
         f"s); peak RSS {peak - before:+.0f} MB over the collection's, weights "
@@ -163,9 +164,15 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="source (= target) prompts")
     parser.add_argument("--pairs", type=int, default=11, help="timed pairs per ratio")
     parser.add_argument(
-        "--end-to-end", type=int, metavar="STEPS", help="also time an end-to-end fit (SD3)"
+        "--models", nargs="+", choices=["flux", "sd3"], default=["flux", "sd3"],
+        help="the models to measure",
+    )  # fmt: skip
+    parser.add_argument(
+        "--end-to-end", type=int, metavar="STEPS", help="also time an end-to-end fit"
     )
     args = parser.parse_args()
+    if args.end_to_end and len(args.models) != 1:
+        parser.error("--end-to-end measures peak memory, so it needs one of --models")
     torch.set_num_threads(args.threads)
     base = temporary_base()
     start_comfy(base)
@@ -173,10 +180,10 @@ def main() -> None:
     extension = importlib.import_module(f"{PACK}.nodes.extension")
     nodes = {node.define_schema().node_id: node for node in extension.NODES}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), ComfyUI on the CPU")
-    for kind in ("flux", "sd3"):
+    for kind in args.models:
         bench(nodes, kind, args.prompts, args.pairs, args.quick)
     if args.end_to_end:
-        bench_end_to_end(nodes, args.prompts, args.end_to_end, args.quick)
+        bench_end_to_end(nodes, args.models[0], args.prompts, args.end_to_end, args.quick)
 
 
 if __name__ == "__main__":

@@ -169,9 +169,10 @@ def collection_batches(
     `sites` (prefixed by part) tell which joint text + image blocks need their token split,
     and how many outputs each batch records, which `progress` counts.
 
-    With `copies` the batches let autograd through the diffusion model (for an end-to-end
-    fit): each denoising call runs with gradients enabled and the model's inference-tensor
-    weights swapped for `copies`.
+    With `copies` the batches let autograd through the parts `where` names (for an end-to-end
+    fit): each prompt encoding (where the text encoder is steered) and each denoising call run
+    with gradients enabled, the part's inference-tensor weights swapped for `copies` and the
+    activations autograd saves copied (`AutogradCopies.differentiable`).
     """
     diffusion = where in ("diffusion model", "both")
     text = where in ("text encoder", "both")
@@ -186,7 +187,7 @@ def collection_batches(
                 diffusion_model.FirstSteps(steps, denoiser_sites, copies) if diffusion else None
             )
             indices = list(range(first, first + len(chunk)))
-            batch = _BatchRun(model, clip, chunk, text, steps_run, seed, size, indices)
+            batch = _BatchRun(model, clip, chunk, text, steps_run, seed, size, indices, copies)
             expected = text_sites * len(chunk) + (len(denoiser_sites) * steps if diffusion else 0)
             batch.progress = None if progress is None else progress.batch(len(chunk), expected)
             batches.append(Batch(batch.run, label, select=batch.select))
@@ -282,6 +283,7 @@ class _BatchRun:
         seed: int,
         size: tuple[int, int, int],
         indices: list[int],
+        copies: AutogradCopies | None = None,
     ) -> None:
         self.model = model
         self.clip = clip
@@ -293,13 +295,14 @@ class _BatchRun:
         self.indices = indices
         self.masks: dict[str, torch.Tensor] | None = None
         self.progress: _BatchProgress | None = None
+        self.copies = copies
 
     def run(self) -> None:
         encoded = []
         for prompt in self.prompts:
             tokens = self.clip.tokenize(prompt)
             self.masks = text_encoder.real_token_masks(self.clip, tokens) if self.text else None
-            encoded.append(text_encoder.encode_tokens(self.clip, tokens))
+            encoded.append(self._encode(tokens))
         self.masks = None
         if self.steps is not None:
             positive = text_encoder.batch_conditioning(encoded)
@@ -308,6 +311,14 @@ class _BatchRun:
             self.steps.sample(self.model, positive, negative, latent, self.seed, self.indices)
         if self.progress is not None:
             self.progress.finished()
+
+    def _encode(self, tokens: dict) -> dict[str, Any]:
+        if self.copies is None or not self.text:
+            return text_encoder.encode_tokens(self.clip, tokens)
+        # loaded (and any weight patches applied) before the copies are swapped in
+        self.clip.load_model(tokens)
+        with self.copies.differentiable(self.clip.cond_stage_model):
+            return text_encoder.encode_tokens(self.clip, tokens)
 
     def select(self, site: str, tensor: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
         chosen = self._rows(site, tensor)

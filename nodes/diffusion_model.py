@@ -312,8 +312,7 @@ class FirstSteps:
         with ExitStack() as stack:
             self.split.attach(diffusion, self.sites, stack)
             if self.copies is not None:  # an end-to-end fit: gradients through this call
-                stack.enter_context(torch.enable_grad())
-                stack.enter_context(self.copies.usable(executor.class_obj))
+                stack.enter_context(self.copies.differentiable(executor.class_obj))
             output = executor(*args, **kwargs)
         if self.calls >= self.steps:
             raise FirstSteps.Stop

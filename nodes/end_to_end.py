@@ -3,25 +3,26 @@
 
 Collect Activations returns `AttachedSamples`: its samples plus a `Replay` of its inputs
 (MODEL, CLIP, prompts, settings), so that Fit Transport can run the same batches again with
-gradients. Two things of ComfyUI's stand in the way of autograd, and are worked around for
-the length of the fit only:
+gradients. Three things of ComfyUI's stand in the way of autograd, and are worked around for
+the length of the fit only (`AutogradCopies.differentiable`, nodes/autograd_copies.py):
 
 - nodes run under `torch.inference_mode()`, and checkpoints are loaded there, so weights
   are inference tensors, which autograd refuses to save for the backward pass. While a
-  sampler call or a prompt encoding runs, `AutogradCopies` (nodes/autograd_copies.py) puts a
-  plain copy of every such weight in its module; the copies are made once per fit and dropped
-  after it, so **the fit holds a second copy of the weights of the parts it steers** (the
-  diffusion model);
+  sampler call or a prompt encoding runs, a plain copy of every such weight is put in its
+  module; the copies are made once per fit and dropped after it, so **the fit holds a second
+  copy of the weights of the parts it steers** (diffusion model, text encoder or both);
+- its blocks add to activations in place (`x += ...` in CLIP, `img += ...` in FLUX), so
+  autograd saves a copy of each differentiable activation it keeps for the backward pass;
 - ComfyUI's samplers run under `torch.no_grad()`, so each denoising call re-enables
   gradients inside the sampler. Gradients flow through each call, not from one denoising
-  step to the next.
+  step to the next, nor from the diffusion model back into the text encoder's maps (with
+  where "both", the text encoder's maps are trained on its own layers' losses, and the
+  diffusion model's maps on theirs, with the text encoder's maps applied).
 
 ComfyUI's own switch for training, `comfy.model_management.in_training` (set by its LoRA
 trainer), is on for the fit: models then take their differentiable code paths (FLUX's rope
 in plain torch instead of comfy_kitchen's operator, which has no backward).
 
-Only the diffusion model's layers are trained: ComfyUI's text encoders add to their
-activations in place (`x += ...`), which autograd cannot differentiate.
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ import torch
 
 from ..act import ActError, EndToEnd, Samples, Transport, fit_end_to_end
 from ..act.recording import DEFAULT_MAX_TOKENS
-from .autograd_copies import AutogradCopies
+from .autograd_copies import MODIFIED_IN_PLACE, AutogradCopies
 from .collection import collection_batches, collection_parts, describe_models
 
 # autograd's messages for what ComfyUI's models do that cannot be differentiated
 NO_GRADIENT = {
-    "inplace operation": "with a module that changes activations in place",
+    MODIFIED_IN_PLACE: "with a module that changes activations in place",
     "no autograd formula": "with an operation that has no gradient",
 }
 
@@ -97,9 +98,9 @@ def fit_attached(
     (Cancel stops the fit; nothing is returned then and the models are left as they were).
 
     Raises:
-        ActError: the samples carry no models (not from Collect Activations), were collected
-            causally or from the text encoder, or the model runs an operation autograd cannot
-            differentiate (named); bad settings (see `act.EndToEnd`).
+        ActError: the samples carry no models (not from Collect Activations) or were
+            collected causally, or the model runs an operation autograd cannot differentiate
+            (named); bad settings (see `act.EndToEnd`).
     """
     replay = getattr(samples, "replay", None)
     if replay is None:
@@ -111,13 +112,6 @@ def fit_attached(
         raise ActError(
             "method 'end-to-end' trains every layer jointly; turn Collect's 'causal' off "
             "(causal estimation is for the methods fitted from samples)"
-        )
-    if replay.where != "diffusion model":
-        raise ActError(
-            f"method 'end-to-end' trains through the diffusion model only, and where is "
-            f"{replay.where!r}: ComfyUI's text encoders add to their activations in place, "
-            "which autograd cannot differentiate; collect with where 'diffusion model', or "
-            "fit text-encoder layers with method 'linear'"
         )
     bar = comfy.utils.ProgressBar(settings.steps)
 

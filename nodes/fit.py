@@ -43,7 +43,7 @@ class FitTransport(io.ComfyNode):
                     "method",
                     options=list(TRANSPORT_METHODS),
                     default="linear",
-                    tooltip="linear: Linear-AcT (the paper's method); mean: shift by the mean difference; gaussian: match mean and spread; end-to-end: train the maps of all layers jointly through the diffusion model (LinEAS; for few prompts; UNets and SD3-style DiTs, not FLUX or the text encoder, whose ComfyUI code autograd cannot follow). It runs the collection's sampler calls again for every training step, and holds a second copy of the model's weights meanwhile. Start AcT Apply at strength 1.5 with it.",
+                    tooltip="linear: Linear-AcT (the paper's method); mean: shift by the mean difference; gaussian: match mean and spread; end-to-end: train the maps of all layers jointly through the model Collect ran (LinEAS; for few prompts; diffusion model, text encoder or both). It runs the collection's sampler calls or prompt encodings again for every training step, and holds a second copy of the steered part's weights meanwhile. Start AcT Apply at strength 1.5 with it.",
                 ),
                 io.Combo.Input(
                     "support",

@@ -96,12 +96,13 @@ def _hooks(module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3"])
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3", "flux"])
 def test_fit_trains_the_maps_through_the_loaded_model_and_leaves_it_as_it_was(pack, kind):
+    # FLUX's double blocks add to the image and text streams in place (`img += ...`)
     with torch.inference_mode():
         model, clip = tiny_model(kind), tiny_clip()
     unet = model.model.diffusion_model
-    layers = "auto" if kind == "sd3" else "layer norms only"
+    layers = "layer norms only" if kind in ("sd15", "sdxl") else "auto"
     samples = _collect(pack, model, clip, layers=layers)
     state = _state(unet)
     transport, summary = _fit(pack, samples, training_steps=8, learning_rate=0.05)
@@ -126,6 +127,38 @@ def test_fit_trains_the_maps_through_the_loaded_model_and_leaves_it_as_it_was(pa
         }  # fmt: skip
         assert torch.equal(sample(steered[0.0], *conds, **options), plain)
         assert not torch.allclose(sample(steered[1.0], *conds, **options), plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["text encoder", "both"])
+def test_fit_trains_through_the_text_encoder_that_adds_in_place(pack, where):
+    # ComfyUI's CLIP layers do `x += self_attn(layer_norm1(x))`
+    with torch.inference_mode():
+        model, clip = tiny_model("sd15"), tiny_clip()
+    encoder = clip.cond_stage_model
+    samples = _collect(pack, model, clip, where=where)
+    parts = {site.partition(".")[0] for site in samples.sites}
+    assert parts == ({"clip"} if where == "text encoder" else {"clip", "diffusion_model"})
+    state = _state(encoder, model.model.diffusion_model)
+    # with "both", the diffusion model's maps also follow the text encoder's maps' moves
+    transport, _ = _fit(pack, samples, training_steps=20, learning_rate=0.05)
+    losses = transport.info["end-to-end"]["loss"]
+    assert losses["fitted"] < 0.9 * losses["plain"], losses
+    assert _unchanged(state, encoder, model.model.diffusion_model)
+    assert _hooks(encoder) == 0 and _hooks(model.model.diffusion_model) == 0
+    apply = pack.nodes["AcTApply"].execute
+    with torch.inference_mode():
+        plain = encode(clip, "a photo of a cat")[0][0]
+        steered = {
+            strength: apply(
+                transport=transport, model=model, clip=clip, strength_model=0.0,
+                strength_clip=strength, start_percent=0.0, end_percent=1.0,
+                apply_to="both branches",
+            ).result[1]
+            for strength in (0.0, 1.0)
+        }  # fmt: skip
+        assert torch.equal(encode(steered[0.0], "a photo of a cat")[0][0], plain)
+        moved = encode(steered[1.0], "a photo of a cat")[0][0]
+        assert not torch.allclose(moved, plain, atol=1e-4)
 
 
 def test_cancel_stops_the_fit_and_leaves_the_model_alone(pack, loaded, monkeypatch):
@@ -161,20 +194,6 @@ def test_end_to_end_needs_samples_from_collect_and_no_causal_collection(pack, lo
         _fit(pack, causal)
     with pytest.raises(pack.error, match="learning_rate must be a positive number"):
         _fit(pack, samples, learning_rate=0.0)
-    text = _collect(pack, model, clip, where="text encoder")
-    with pytest.raises(pack.error, match="trains through the diffusion model only"):
-        _fit(pack, text)
-
-
-def test_a_model_comfyui_runs_with_in_place_additions_is_refused_and_left_alone(pack):
-    with torch.inference_mode():
-        flux, clip = tiny_model("flux"), tiny_clip()
-    samples = _collect(pack, flux, clip, layers="auto")
-    unet = flux.model.diffusion_model
-    state = _state(unet)
-    with pytest.raises(pack.error, match=r"Flux.*changes activations in place.*'linear'"):
-        _fit(pack, samples, training_steps=2)
-    assert _unchanged(state, unet) and _hooks(unet) == 0
 
 
 def test_a_model_autograd_cannot_differentiate_is_refused_by_name(pack, loaded, monkeypatch):
@@ -207,3 +226,35 @@ def test_the_loss_of_every_step_is_shown_under_the_running_node(pack, loaded, mo
     assert [node for node, _ in shown] == ["7"] * 3
     assert [text.split(":")[0] for _, text in shown] == ["step 1/3", "step 2/3", "step 3/3"]
     assert float(shown[-1][1].split("loss ")[1]) > 0
+
+
+def test_saved_activation_copies_differentiate_in_place_additions_exactly(pack):
+    module = importlib.import_module(f"{PACK}.nodes.autograd_copies")
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(6).requires_grad_(False)
+    start = torch.randn(4, 6)
+
+    def gradient(in_place: bool) -> torch.Tensor:
+        scale = torch.full((6,), 1.5, requires_grad=True)
+        x = start * scale
+        for _ in range(2):
+            if in_place:
+                x += torch.tanh(norm(x))  # as ComfyUI's CLIP layers and FLUX blocks do
+            else:
+                x = x + torch.tanh(norm(x))
+        (x**2).sum().backward()
+        return scale.grad
+
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        gradient(in_place=True)  # what autograd says without the copies
+    with module.saved_activation_copies():
+        copied = gradient(in_place=True)
+    assert torch.allclose(copied, gradient(in_place=False), atol=1e-6)
+    # a saved tensor that needs no gradient is kept as it is, and changed in place it is refused
+    scale = torch.ones(6, requires_grad=True)
+    weight = torch.randn(6)
+    with module.saved_activation_copies():
+        product = (start * scale) * weight
+        weight += 1
+    with pytest.raises(RuntimeError, match=module.MODIFIED_IN_PLACE):
+        product.sum().backward()
