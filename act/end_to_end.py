@@ -107,12 +107,14 @@ def settings_from_options(
     *,
     parts: str = "site",
     seed_name: str = "seed",
+    defaults: EndToEnd | None = None,
 ) -> EndToEnd | None:
     """The end-to-end settings of a front end's fit call, taken out of its keyword `options`.
 
     `given` is an `EndToEnd` passed as such; the settings may also come by name among
     `options` (popped from it), the seed under `seed_name` where the front end's own `seed`
-    means something else. Returns the settings for method "end-to-end", else None.
+    means something else; the others are `given`'s, else the front end's `defaults`, else
+    `EndToEnd()`'s. Returns the settings for method "end-to-end", else None.
 
     Raises:
         ActError: `causal` with method "end-to-end" (it trains every `parts` jointly), or
@@ -132,7 +134,7 @@ def settings_from_options(
             "applies to the methods fitted from samples"
         )
     fields = {names[name]: value for name, value in chosen.items()}
-    return dataclasses.replace(given or EndToEnd(), **fields)
+    return dataclasses.replace(given or defaults or EndToEnd(), **fields)
 
 
 def _whole(value: object, name: str, least: int | None) -> None:

@@ -46,6 +46,7 @@ import torch
 from act.end_to_end import EndToEnd
 from act.steering import steer
 from act.text import fit_text
+from act.text.collection import END_TO_END_DEFAULTS
 from act.text.data import CONCEPTS, lines
 from act.text.generation import Sampling, generate, perplexity
 from act.text.goals import goal
@@ -112,6 +113,16 @@ class Config:
         return transport, time.perf_counter() - start
 
 
+def units_moved(transport: Transport) -> str:
+    """The share of units an end-to-end transport fitted with sparsity moves (its others are
+    switched off), as text for the fit column; empty for other transports."""
+    if not transport.info.get("end-to-end", {}).get("sparsity"):
+        return ""
+    maps = transport.maps.values()
+    moved = sum(int(((m.omega != 1) | (m.beta != 0)).sum()) for m in maps)
+    return f", {moved / sum(m.omega.numel() for m in maps):.0%} of units moved"
+
+
 def goal_config(name: str) -> Config:
     """The settings a goal of `act.text.goals` fits with."""
     chosen = goal(name)
@@ -132,11 +143,14 @@ DETOX = {
     "mean-blocks-all": Config("mean", support="all", layers="block-outputs"),
     "linear-causal": Config("linear", causal=True),
     "mean-causal": Config("mean", causal=True),
-    "end-to-end": Config("end-to-end", end_to_end=EndToEnd()),
-    "end-to-end-linear": Config("end-to-end", end_to_end=EndToEnd(init="linear")),
-    "end-to-end-all": Config("end-to-end", support="all", end_to_end=EndToEnd()),
-    "end-to-end-tokens": Config("end-to-end", "tokens", end_to_end=EndToEnd()),
-    "end-to-end-sparse": Config("end-to-end", end_to_end=EndToEnd(sparsity=0.1)),
+    # the text defaults (END_TO_END_DEFAULTS, sparsity 1), then one change at a time
+    "end-to-end": Config("end-to-end", end_to_end=END_TO_END_DEFAULTS),
+    "end-to-end-dense": Config("end-to-end", end_to_end=replace(END_TO_END_DEFAULTS, sparsity=0)),
+    "end-to-end-linear": Config(
+        "end-to-end", end_to_end=replace(END_TO_END_DEFAULTS, init="linear")
+    ),
+    "end-to-end-all": Config("end-to-end", support="all", end_to_end=END_TO_END_DEFAULTS),
+    "end-to-end-tokens": Config("end-to-end", "tokens", end_to_end=END_TO_END_DEFAULTS),
 }
 DEFAULT_DETOX = "mean,linear,mean-tokens,linear-tokens,mean-late10"
 
@@ -238,7 +252,7 @@ def bench_toxicity(model, tokenizer, args, ppl: Perplexities, rows: list[str]) -
     for size, config in ((size, config) for size in args.fit_sizes for config in args.detox):
         source, target = lines("toxic")[:size], lines("nontoxic")[:size]
         transport, seconds = config.fit(model, tokenizer, source, target)
-        fit = f"{seconds:.0f} s"
+        fit = f"{seconds:.0f} s" + units_moved(transport)
         name = f"{size}+{size}: " + config.name + (" (default)" if config == default else "")
         strengths = args.strengths or (
             STRENGTHS[1:] if config == default and not args.quick else (0.5, 1.0)

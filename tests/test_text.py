@@ -6,11 +6,18 @@ from text_models import save_tiny_gpt2, save_tiny_llama
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from act.collection import collect
+from act.end_to_end import EndToEnd
 from act.errors import ActError
 from act.recording import record
 from act.selection import select_modules
 from act.steering import steer
-from act.text.collection import collect_text, encode, fit_text, sentence_batches
+from act.text.collection import (
+    END_TO_END_DEFAULTS,
+    collect_text,
+    encode,
+    fit_text,
+    sentence_batches,
+)
 from act.text.generation import Sampling, generate, generate_tokens, perplexity, sweep
 from act.text.models import load_causal_lm
 
@@ -202,6 +209,19 @@ def test_end_to_end_fit_trains_every_layer_and_leaves_the_weights_alone(llama):
             assert torch.equal(model(**inputs).logits, plain)
         with steer(model, transport):
             assert not torch.allclose(model(**inputs).logits, plain)
+
+
+def test_end_to_end_text_defaults_are_sparse_and_options_override_them_one_by_one(llama):
+    model, tokenizer = llama
+    options = dict(method="end-to-end", layers="attention-output", progress=False)
+    default = fit_text(model, tokenizer, SOURCE, TARGET, steps=2, **options)
+    dense = fit_text(model, tokenizer, SOURCE, TARGET, steps=2, sparsity=0.0, **options)
+    given = fit_text(
+        model, tokenizer, SOURCE, TARGET, end_to_end=EndToEnd(steps=2), **options
+    )  # an EndToEnd passed as such is taken whole
+    settings = [t.info["end-to-end"] for t in (default, dense, given)]
+    assert [s["sparsity"] for s in settings] == [END_TO_END_DEFAULTS.sparsity, 0.0, 0.0]
+    assert END_TO_END_DEFAULTS.sparsity > 0 and {s["steps"] for s in settings} == {2}
 
 
 def test_end_to_end_options_belong_to_that_method(llama):

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from ..end_to_end import INITS, EndToEnd
+from ..end_to_end import INITS
 from ..errors import ActError
 from ..maps import END_TO_END, TRANSPORT_METHODS
+from .collection import END_TO_END_DEFAULTS
 from .export_cli import HELP as EXPORT_HELP
 from .export_cli import add_export_command, run_export
 from .goals import GOALS, Goal, goal
@@ -160,8 +161,9 @@ def _describe(chosen: Goal) -> str:
 
 
 def _end_to_end_arguments(parser: argparse.ArgumentParser) -> None:
-    """The settings of method end-to-end (`act.end_to_end.EndToEnd`)."""
-    defaults = EndToEnd()
+    """The settings of method end-to-end (`act.end_to_end.EndToEnd`; the defaults are
+    `act.text.collection.END_TO_END_DEFAULTS`)."""
+    defaults = END_TO_END_DEFAULTS
     parser.add_argument(
         "--steps", type=int, help=f"end-to-end: optimisation steps (default: {defaults.steps})"
     )
@@ -173,7 +175,8 @@ def _end_to_end_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sparsity",
         type=float,
-        help="end-to-end: group-lasso strength that switches units off (default: 0, none)",
+        help="end-to-end: group-lasso strength that switches units off, 0 for none "
+        f"(default: {defaults.sparsity:g})",
     )
     parser.add_argument(
         "--init",

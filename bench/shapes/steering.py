@@ -90,6 +90,8 @@ class Config:
         if self.end_to_end is not None:
             chosen = self.end_to_end
             parts.append(f"{chosen.steps} steps, lr {chosen.learning_rate:g}")
+            if chosen.sparsity:
+                parts.append(f"sparsity {chosen.sparsity:g}")
         if self.fit_count is not None:
             parts.append(f"from {self.fit_count} + {self.fit_count}")
         if self.layers is not None:
@@ -427,17 +429,26 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, help="--compare-fits: end-to-end steps (default 50)")
     parser.add_argument("--learning-rate", type=float, help="--compare-fits: end-to-end rate")
+    parser.add_argument("--sparsity", type=float, help="--compare-fits: end-to-end sparsity")
+    parser.add_argument(
+        "--end-to-end-only",
+        action="store_true",
+        help="--compare-fits: only the end-to-end fit (the closed-form rows repeat exactly)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     rows = []
     for task in args.tasks:
         strengths = tuple(args.strengths) if args.strengths else None
-        chosen = {"steps": args.steps, "learning_rate": args.learning_rate}
+        chosen = {
+            "steps": args.steps, "learning_rate": args.learning_rate, "sparsity": args.sparsity
+        }  # fmt: skip
         settings = act.EndToEnd(**{k: v for k, v in chosen.items() if v is not None})
         configs = None
         if args.compare_fits:
             configs = fit_comparison(TASKS[task].default, end_to_end=settings)
+            configs = configs[-1:] if args.end_to_end_only else configs
         elif args.layers:
             configs = layer_comparison(TASKS[task].default, args.layers)
         rows += run_task(pipe, task, args.fit_count, args.count, strengths, args.prompts, configs)
