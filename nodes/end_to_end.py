@@ -22,7 +22,6 @@ the length of the fit only (`AutogradCopies.differentiable`, nodes/autograd_copi
 ComfyUI's own switch for training, `comfy.model_management.in_training` (set by its LoRA
 trainer), is on for the fit: models then take their differentiable code paths (FLUX's rope
 in plain torch instead of comfy_kitchen's operator, which has no backward).
-
 """
 
 from __future__ import annotations
