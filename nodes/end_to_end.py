@@ -93,8 +93,9 @@ def fit_attached(
     samples: Samples, settings: EndToEnd, support: str, description: str = ""
 ) -> Transport:
     """Train the maps of the samples' sites end to end through the models that collected
-    them (the sites Collect chose, not chosen again), with ComfyUI's progress bar over the steps and the loss shown under the node
-    (Cancel stops the fit; nothing is returned then and the models are left as they were).
+    them (the sites Collect chose, not chosen again), with ComfyUI's progress bar over the
+    steps and the loss shown under the node (Cancel stops the fit; nothing is returned then
+    and the models are left as they were).
 
     Raises:
         ActError: the samples carry no models (not from Collect Activations) or were

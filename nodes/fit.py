@@ -43,7 +43,7 @@ class FitTransport(io.ComfyNode):
                     "method",
                     options=list(TRANSPORT_METHODS),
                     default="linear",
-                    tooltip="linear: Linear-AcT (the paper's method); mean: shift by the mean difference; gaussian: match mean and spread; end-to-end: train the maps of all layers jointly through the model Collect ran (LinEAS; for few prompts; diffusion model, text encoder or both). It runs the collection's sampler calls or prompt encodings again for every training step, and holds a second copy of the steered part's weights meanwhile. Start AcT Apply at strength 1.5 with it.",
+                    tooltip="linear: Linear-AcT (the paper's method); mean: shift by the mean difference; gaussian: match mean and spread; end-to-end: train the maps of all layers jointly through the model Collect ran (LinEAS; for few prompts; diffusion model, text encoder or both). It runs the collection's sampler calls or prompt encodings again for every training step, and holds a second copy of the steered part's weights meanwhile. On diffusion-model layers, start AcT Apply at strength 1.5 with it (measured on the shapes model; text-encoder layers were not measured).",
                 ),
                 io.Combo.Input(
                     "support",
@@ -141,7 +141,8 @@ class FitTransport(io.ComfyNode):
             losses = transport.info[END_TO_END]["loss"]
             note = (
                 f"; loss {losses['plain']:.4g} (plain model) -> {losses['fitted']:.4g}"
-                "\nthese maps move less than Linear-AcT's: start AcT Apply at strength 1.5"
+                "\nthese maps move less than Linear-AcT's: on diffusion-model layers, start "
+                "AcT Apply at strength 1.5"
             )
         else:
             transport = samples.fit(method, support)
